@@ -1,0 +1,168 @@
+"""The `iscsi-handoff` command: discovery, login and the demo.
+
+Every IscsiError becomes one line on stderr and its exit code (see the README);
+only a bug shows a traceback, and only with -v.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from iscsi_handoff import __version__
+from iscsi_handoff.options import DIGEST_CHOICES, PortalType, auth_from, auth_options
+from iscsi_handoff.output import login_json, print_login, print_targets
+from userland.discovery.run import discover
+from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError
+from userland.exchange import Exchange
+from userland.login.machine import LoginConfig, new_isid
+from userland.login.run import login as do_login
+from userland.names import validate_name
+from userland.portal import Portal
+
+log = logging.getLogger("iscsi_handoff")
+
+EPILOG = """\b
+Exit codes: 0 ok, 1 internal error, 2 usage or configuration, 3 network
+(refused, unreachable, timed out), 4 authentication or authorization,
+5 target not found, 6 login refused by the target, 7 protocol error,
+8 I/O error, 9 data path unavailable, 130 interrupted.
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="iscsi-handoff")
+@click.option("-v", "--verbose", count=True,
+              help="-v shows the login exchange (secrets redacted); -vv every PDU.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """A userland iSCSI initiator: discovery, CHAP and login in Python.
+
+    \b
+    Examples:
+      iscsi-handoff discover 127.0.0.1:3260
+      iscsi-handoff login --portal 127.0.0.1:3260 --target iqn.2024-01.com.example:disk1 --check
+      iscsi-handoff demo
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    ctx.obj = {"verbose": verbose}
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("portal", type=PortalType())
+@auth_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def discover_cmd(portal: Portal, as_json: bool, **kw: Any) -> None:
+    """List the targets a portal offers (SendTargets=All).
+
+    PORTAL is host, host:port or [ipv6]:port (default port 3260).
+
+    \b
+    Examples:
+      iscsi-handoff discover 127.0.0.1:3260
+      iscsi-handoff discover san1:3260 --chap-user alice --chap-secret-file ~/.iscsi-secret
+      iscsi-handoff discover [::1]:3260 --json
+    """
+    auth = auth_from(kw)
+    targets = discover(portal, initiator_name=auth.initiator_name,
+                       credentials=auth.credentials, mutual=auth.mutual,
+                       chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    print_targets(targets, as_json=as_json)
+
+
+discover_cmd.name = "discover"
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--portal", type=PortalType(), required=True, help="host[:port] of the target.")
+@click.option("--target", "target_name", required=True, metavar="IQN", help="Target name.")
+@click.option("--check", is_flag=True,
+              help="Log in, print the negotiated parameters, log out.")
+@click.option("--header-digest", type=click.Choice(sorted(DIGEST_CHOICES)),
+              default="prefer-none", show_default=True,
+              help="CRC32C header digest: never, always, or either with a preference.")
+@click.option("--data-digest", type=click.Choice(sorted(DIGEST_CHOICES)),
+              default="prefer-none", show_default=True, help="CRC32C data digest, likewise.")
+@auth_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def login(portal: Portal, target_name: str, check: bool, header_digest: str,
+          data_digest: str, as_json: bool, **kw: Any) -> None:
+    """Log in to a target.
+
+    \b
+    With --check: log in to full feature phase, show every negotiated
+    parameter and which side chose it, log out, exit 0.
+
+    \b
+    Examples:
+      iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --check
+      iscsi-handoff login --portal 127.0.0.1 --target IQN --check \\
+          --chap-user alice --chap-secret-file alice.secret \\
+          --mutual-user target1 --mutual-secret-file target1.secret
+    """
+    validate_name(target_name)
+    auth = auth_from(kw)
+    if not check:
+        raise ConfigError("only `login --check` exists in this version: the kernel and FUSE "
+                          "data paths are not built yet")
+    config = LoginConfig(initiator_name=auth.initiator_name, target_name=target_name,
+                         isid=new_isid(), credentials=auth.credentials, mutual=auth.mutual,
+                         chap_algorithms=auth.chap_algorithms,
+                         header_digest=DIGEST_CHOICES[header_digest],
+                         data_digest=DIGEST_CHOICES[data_digest])
+    session = do_login(portal, config, timeout=auth.timeout)
+    with session.connection:
+        Exchange(session.connection, session.result).logout(timeout=auth.timeout)
+    if as_json:
+        click.echo(json.dumps(login_json(session.result, target=target_name,
+                                         portal=session.portal), indent=2))
+    else:
+        print_login(session.result, target=target_name, portal=session.portal)
+        click.echo("logged out")
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--portal", type=PortalType(), default=None,
+              help="Use this portal instead of starting a throwaway tgtd.")
+@click.option("--target", "target_name", default=None, metavar="IQN",
+              help="Target to log in to (default: the first one discovered).")
+def demo(portal: Portal | None, target_name: str | None) -> None:
+    """Show discovery and login end to end.
+
+    With no --portal, starts a throwaway tgtd (Debian package tgt) on a free
+    127.0.0.1 port with one 64 MiB LUN, and stops it afterwards. Needs root.
+    """
+    from iscsi_handoff.demo import run_demo
+
+    if target_name is not None:
+        validate_name(target_name)
+    run_demo(portal, target_name)
+
+
+def main() -> None:
+    """Console entry point: run the CLI, turning our errors into one line each."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("iscsi-handoff: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except IscsiError as exc:
+        click.echo(f"iscsi-handoff: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("iscsi-handoff: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line; -v shows where
+        if log.isEnabledFor(logging.INFO):
+            raise
+        click.echo(f"iscsi-handoff: internal error: {type(exc).__name__}: {exc} "
+                   "(run with -v for a traceback)", err=True)
+        sys.exit(EXIT_INTERNAL)
