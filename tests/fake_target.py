@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from userland.keys import decode_text, encode_text
+
 from userland.pdu import PDU_CLASSES, LoginRequest, LoginResponse, Pdu, PduReader
 
 ALL = frozenset(PDU_CLASSES)
@@ -65,6 +66,7 @@ class FakeTarget:
         self.errors: list[BaseException] = []
         self.connections = 0
         self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
         self.port = self._server.getsockname()[1]
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -87,7 +89,6 @@ class FakeTarget:
             t.join(5)
 
     def _accept(self) -> None:
-        self._server.settimeout(0.1)
         while not self._stop.is_set():
             try:
                 sock, _ = self._server.accept()

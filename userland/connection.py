@@ -6,6 +6,7 @@ logged in). Deadlines are ``time.monotonic()`` values; every wait is bounded by 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -13,12 +14,11 @@ import time
 
 from userland.errors import LoginTimeout, NetworkError
 from userland.pdu import Pdu, PduReader
-
-# RFC 7143 13.12: until login ends, MaxRecvDataSegmentLength is its default, 8192.
-LOGIN_MAX_RECV = 8192
 from userland.portal import Portal
 
 log = logging.getLogger("iscsi_handoff.wire")
+# RFC 7143 13.12: until login ends, MaxRecvDataSegmentLength is its default, 8192.
+LOGIN_MAX_RECV = 8192
 
 
 def _remaining(deadline: float, what: str) -> float:
@@ -99,10 +99,8 @@ class Connection:
             self.reader.feed(chunk)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> Connection:
         return self

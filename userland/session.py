@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from userland.errors import ProtocolError
 from userland.login.machine import LoginResult
 from userland.pdu import (
+    R2T,
     RESERVED_TAG,
     AsyncEvent,
     AsyncMessage,
@@ -30,7 +31,6 @@ from userland.pdu import (
     NopIn,
     NopOut,
     Pdu,
-    R2T,
     Reject,
     ScsiCommand,
     ScsiResponse,
@@ -347,8 +347,8 @@ class Session:
         if event == AsyncEvent.LOGOUT_REQUESTED:
             return [LogoutRequested(pdu.parameter3)]
         if event in (AsyncEvent.CONNECTION_DROPPED, AsyncEvent.SESSION_DROPPED):
-            return [ConnectionFailed(f"target dropped the {'connection' if event == 2 else 'session'}"
-                                     " (Async Message)")]
+            what = "connection" if event == AsyncEvent.CONNECTION_DROPPED else "session"
+            return [ConnectionFailed(f"target dropped the {what} (Async Message)")]
         if event == AsyncEvent.NEGOTIATION_REQUESTED:
             # We have nothing to renegotiate; a clean logout and relogin is the answer.
             return [LogoutRequested(0)]

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from fake_target import FakeTarget, Peer
+from userland.keys import encode_text
 
 from userland.discovery.run import discover
 from userland.errors import (
@@ -16,7 +17,6 @@ from userland.errors import (
     ProtocolError,
     TargetNotFoundError,
 )
-from userland.keys import encode_text
 from userland.login.chap import Credentials, Secret, decode_binary, encode_binary
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login
@@ -114,7 +114,7 @@ def test_chap_required_but_no_credentials_says_so() -> None:
         peer.send(peer.login_response(req, [], status=(2, 1)))
 
     with FakeTarget(script) as fake, pytest.raises(AuthenticationError,
-                                                   match="requires CHAP .* no credentials"):
+                                                   match=r"requires CHAP .* no credentials"):
         login(Portal.parse(fake.portal), config(), timeout=5)
 
 
@@ -163,7 +163,7 @@ def test_answer_outside_the_offer_names_key_and_value() -> None:
         time.sleep(0.5)
 
     with FakeTarget(script) as fake, pytest.raises(NegotiationError,
-                                                   match="HeaderDigest.*MD5"):
+                                                   match=r"HeaderDigest.*MD5"):
         login(Portal.parse(fake.portal), config(), timeout=5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 
@@ -14,6 +15,7 @@ from userland.errors import DigestError, ProtocolError
 from userland.pdu import (
     BHS_LEN,
     PDU_CLASSES,
+    R2T,
     DataIn,
     LoginRequest,
     LoginResponse,
@@ -21,7 +23,6 @@ from userland.pdu import (
     Opcode,
     Pdu,
     PduReader,
-    R2T,
     Reject,
     ScsiCommand,
     ScsiResponse,
@@ -118,10 +119,8 @@ def test_stream_reader_splits_at_any_boundary(pdus: list[Pdu], step: int) -> Non
 @settings(max_examples=2000)
 @given(st.binary(min_size=0, max_size=400), st.booleans(), st.booleans())
 def test_random_bytes_raise_only_protocol_error(blob: bytes, hdig: bool, ddig: bool) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         decode(blob, header_digest=hdig, data_digest=ddig, max_data_segment_length=256)
-    except ProtocolError:
-        pass
 
 
 @settings(max_examples=500)
@@ -129,10 +128,8 @@ def test_random_bytes_raise_only_protocol_error(blob: bytes, hdig: bool, ddig: b
 def test_corrupted_pdu_raises_only_protocol_error(pdu: Pdu, pos: int, flip: int) -> None:
     wire = bytearray(pdu.encode(header_digest=True, data_digest=True))
     wire[pos % len(wire)] ^= flip
-    try:
+    with contextlib.suppress(ProtocolError):
         decode(bytes(wire), header_digest=True, data_digest=True, allowed=ALL_OPCODES)
-    except ProtocolError:
-        pass
 
 
 def test_crc32c_matches_rfc_7143_vector() -> None:

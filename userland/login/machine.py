@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from userland.errors import AuthenticationError, ProtocolError
-from userland.keys import Negotiated, Negotiator, TextAssembler, decode_text, encode_text, split_text
+from userland.keys import (
+    Negotiated,
+    Negotiator,
+    TextAssembler,
+    decode_text,
+    encode_text,
+    split_text,
+)
 from userland.login.chap import ChapExchange, Credentials, check_secrets
 from userland.login.status import REDIRECT_CLASS, status_error
 from userland.pdu import LoginRequest, LoginResponse, Stage, sn_add
@@ -194,6 +201,10 @@ class LoginMachine:
         if resp.csg != self._stage:
             raise ProtocolError(f"Login Response: CSG {resp.csg} while we are in stage "
                                 f"{int(self._stage)}")
+
+    def _check_transit(self, resp: LoginResponse) -> None:
+        # Checked after the keys: a downgrade to AuthMethod=None with T=1 is first of all
+        # an authentication problem, and should be reported as one.
         if resp.transit and (not self._next_transit or resp.nsg != self._next_nsg):
             raise ProtocolError(f"Login Response: target moved to stage {resp.nsg} "
                                 "we did not ask for")
@@ -213,6 +224,7 @@ class LoginMachine:
         replies = self.negotiator.receive(others)  # TargetPortalGroupTag, TargetAlias...
         if method is not None:
             self._check_auth_method(method)
+        self._check_transit(resp)
         if self._chap is not None and self._chap_step != "done":
             return self._chap_next(resp, keys, replies)
         if resp.transit:
@@ -275,6 +287,7 @@ class LoginMachine:
                      pairs: list[Pair]) -> LoginRequest | LoginResult:
         replies = self.negotiator.receive(pairs)
         replies += self.negotiator.take_offers()
+        self._check_transit(resp)
         if resp.transit:
             if replies:
                 names = ", ".join(k for k, _ in replies)
