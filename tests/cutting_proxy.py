@@ -6,6 +6,7 @@ connection loss: the target sees a reset, the initiator sees its socket die.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
@@ -107,10 +108,8 @@ class CuttingProxy:
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _count(self, n: int) -> bool:
         with self._lock:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from types import TracebackType
 
 from userland.keys import decode_text, encode_text
-
 from userland.pdu import PDU_CLASSES, LoginRequest, LoginResponse, Pdu, PduReader
 
 ALL = frozenset(PDU_CLASSES)

@@ -30,7 +30,8 @@ from userland.pdu import (
 )
 
 log = logging.getLogger("iscsi_handoff.session")
-MAX_TEXT_ROUNDS = 1024  # a SendTargets answer of ~256 MiB at most; a loop guard
+MAX_TEXT_ROUNDS = 4096  # a loop guard on continued Text Responses
+MAX_TEXT_BYTES = 16 << 20  # SendTargets of thousands of targets, but bounded
 LOGOUT_REASONS = {0: "closed", 1: "CID not found", 2: "recovery not supported",
                   3: "cleanup failed"}
 
@@ -83,7 +84,7 @@ class Exchange:
         """One Text negotiation, following the target's continuation (C bit)."""
         deadline = time.monotonic() + timeout
         itt = self._next_itt()
-        assembler = TextAssembler()
+        assembler = TextAssembler(max_bytes=MAX_TEXT_BYTES)
         data, ttt = encode_text(pairs), RESERVED_TAG
         for _ in range(MAX_TEXT_ROUNDS):
             request = TextRequest(final=True, itt=itt, ttt=ttt, cmd_sn=self.cmd_sn,

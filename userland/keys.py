@@ -672,6 +672,11 @@ class Negotiator:
         return replies
 
     def _receive_one(self, key: str, value: str) -> str | None:
+        spec = spec_for(key)
+        if spec is not None and spec.kind is KeyKind.AUTHENTICATION:
+            # No value in the text: it may be a CHAP response.
+            raise NegotiationError(f"target sent {key} outside the CHAP exchange of the "
+                                   "security stage (RFC 7143 12.1.3)")
         if key != "TargetAddress":  # 13.8: the one key a target may repeat
             if key in self._seen:
                 raise NegotiationError(
@@ -681,7 +686,6 @@ class Negotiator:
         if key in self._sent and value in ANSWER_CONSTANTS:
             self._answered_constant(key, value)
             return None
-        spec = spec_for(key)
         if spec is None or spec.kind is KeyKind.EXTENSION:
             if value in ANSWER_CONSTANTS:
                 raise self._never_offered(key, value)
@@ -693,9 +697,6 @@ class Negotiator:
         if key == "TargetName":
             raise NegotiationError(f"target sent TargetName={value} in a login; a target "
                                    "sends it only in a SendTargets answer (RFC 7143 13.4)")
-        if spec.kind is KeyKind.AUTHENTICATION:  # no value: it may be a CHAP response
-            raise NegotiationError(f"target sent {key} outside the CHAP exchange of the "
-                                   "security stage (RFC 7143 12.1.3)")
         if spec.phase is Phase.SECURITY and key not in self._sent:
             raise NegotiationError(f"target sent {key}={value} outside the security "
                                    f"stage (RFC 7143 {spec.section})")
@@ -812,12 +813,12 @@ class Negotiator:
             self._settle(key, value, "both" if stance == value else "target")
             return None
         if spec.kind is KeyKind.BOOL_AND:
-            answer = _yes_no(value == YES and stance == YES)
+            reply = _yes_no(value == YES and stance == YES)
         else:
-            answer = _yes_no(value == YES or stance == YES)
-        by = "initiator" if answer != value else "both" if answer == stance else "target"
-        self._settle(key, answer, by)
-        return answer
+            reply = _yes_no(value == YES or stance == YES)
+        by = "initiator" if reply != value else "both" if reply == stance else "target"
+        self._settle(key, reply, by)
+        return reply
 
     def _declared(self, spec: KeySpec, value: str) -> None:
         key = spec.name

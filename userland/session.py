@@ -145,8 +145,9 @@ class Session:
             if p.immediate_data:
                 immediate = min(length, p.first_burst_length, p.max_xmit_data_segment_length)
             unsolicited = immediate if p.initial_r2t else min(length, p.first_burst_length)
-        assert task.write_data is not None or not length
-        data = memoryview(task.write_data)[:immediate] if immediate else b""
+        data: bytes | memoryview = b""
+        if immediate and task.write_data is not None:
+            data = memoryview(task.write_data)[:immediate]
         cdb = task.cdb.ljust(16, b"\0")
         self._outbox.append(ScsiCommand(
             final=unsolicited == immediate, read=task.read_length > 0, write=length > 0,

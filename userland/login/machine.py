@@ -305,4 +305,4 @@ class LoginMachine:
             negotiated=self.negotiator.result(), isid=self.config.isid, tsih=resp.tsih,
             cid=self.config.cid, cmd_sn=resp.exp_cmd_sn, exp_stat_sn=self._exp_stat_sn,
             max_cmd_sn=resp.max_cmd_sn, auth_method=self.auth_method,
-            warnings=list(self.warnings))
+            warnings=[*self.warnings, *self.negotiator.warnings])

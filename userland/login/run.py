@@ -76,7 +76,11 @@ def login_on(conn: Connection, config: LoginConfig, *,
         finally:
             _log_transcript(machine, seen)
             seen = len(machine.transcript)
-        if isinstance(outcome, LoginResult | Redirected):
+        if isinstance(outcome, LoginResult):
+            for warning in outcome.warnings[len(machine.warnings):]:
+                log.warning("%s", warning)
+            return outcome
+        if isinstance(outcome, Redirected):
             return outcome
         request = outcome
 
