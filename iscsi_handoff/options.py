@@ -86,7 +86,7 @@ def auth_from(kw: dict[str, Any]) -> Auth:
                 timeout=kw.pop("timeout"))
 
 
-class PortalType(click.ParamType):
+class PortalType(click.ParamType):  # type: ignore[type-arg]
     name = "PORTAL"
 
     def convert(self, value: Any, param: click.Parameter | None,

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tgt_fixtures import tgt  # noqa: F401  (fixture)
 
 from iscsi_handoff.tgtlab import LunSpec, Tgt
+
+from tgt_fixtures import tgt  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.tgt
 

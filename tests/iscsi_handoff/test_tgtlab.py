@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tgt_fixtures import tgt  # noqa: F401
 
 from iscsi_handoff.tgtlab import LunSpec, Tgt
+
+from tgt_fixtures import tgt  # noqa: F401
 
 pytestmark = pytest.mark.tgt
 

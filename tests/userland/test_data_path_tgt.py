@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from cutting_proxy import CuttingProxy
-from tgt_fixtures import tgt  # noqa: F401  (fixture)
 
 from iscsi_handoff.tgtlab import LunSpec, Tgt
 from userland.errors import ScsiError, SessionFailed
@@ -25,6 +23,9 @@ from userland.login.machine import LoginConfig, new_isid
 from userland.lun import Lun, report_luns
 from userland.portal import Portal
 from userland.runner import SessionRunner
+
+from cutting_proxy import CuttingProxy
+from tgt_fixtures import tgt  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.tgt
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from fake_target import FakeTarget, Peer
-from userland.keys import encode_text
 
 from userland.discovery.run import discover
 from userland.errors import (
@@ -17,11 +15,14 @@ from userland.errors import (
     ProtocolError,
     TargetNotFoundError,
 )
+from userland.keys import encode_text
 from userland.login.chap import Credentials, Secret, decode_binary, encode_binary
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login
 from userland.pdu import LoginRequest, LogoutRequest, LogoutResponse, TextRequest, TextResponse
 from userland.portal import Portal
+
+from fake_target import FakeTarget, Peer
 
 INITIATOR = "iqn.2024-01.org.iscsi-handoff:test"
 TARGET = "iqn.2024-01.org.example:disk1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
+from typing import Any
 
 import pytest
 from crc32c import crc32c
@@ -80,7 +81,8 @@ def _valid(pdu: Pdu) -> bool:
 @st.composite
 def any_pdu(draw: st.DrawFn) -> Pdu:
     cls = draw(st.sampled_from(sorted(PDU_CLASSES.values(), key=lambda c: c.OPCODE)))
-    kwargs = {f.name: draw(_field_strategy(cls, f)) for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {f.name: draw(_field_strategy(cls, f))
+                              for f in dataclasses.fields(cls)}
     pdu = cls(**kwargs)
     return pdu if _valid(pdu) else draw(any_pdu())
 
