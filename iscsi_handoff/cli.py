@@ -9,12 +9,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
+import trio
 
 from iscsi_handoff import __version__
-from iscsi_handoff.options import DIGEST_CHOICES, PortalType, auth_from, auth_options
+from iscsi_handoff.fuse_path import run_fuse
+from iscsi_handoff.options import (
+    DIGEST_CHOICES,
+    PortalType,
+    auth_from,
+    auth_options,
+    fuse_options,
+    fuse_options_from,
+)
 from iscsi_handoff.output import login_json, print_login, print_targets
 from userland.discovery.run import discover
 from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError
@@ -88,33 +98,44 @@ discover_cmd.name = "discover"
               help="CRC32C header digest: never, always, or either with a preference.")
 @click.option("--data-digest", type=click.Choice(sorted(DIGEST_CHOICES)),
               default="prefer-none", show_default=True, help="CRC32C data digest, likewise.")
+@fuse_options
 @auth_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (--check).")
 def login(portal: Portal, target_name: str, check: bool, header_digest: str,
-          data_digest: str, as_json: bool, **kw: Any) -> None:
-    """Log in to a target.
+          data_digest: str, as_json: bool, fuse: Path | None, **kw: Any) -> None:
+    """Log in to a target and give its LUNs to this machine.
 
     \b
     With --check: log in to full feature phase, show every negotiated
     parameter and which side chose it, log out, exit 0.
+    With --fuse MOUNT: the userland session carries the data and each disk
+    LUN is a file, MOUNT/<host>/<target>/storage (and lunN/storage); --loop
+    also attaches it as /dev/loopN. Runs until Ctrl-C or SIGTERM, then
+    finishes I/O, logs out and unmounts.
 
     \b
     Examples:
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --check
+      iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --fuse /mnt/iscsi --loop
       iscsi-handoff login --portal 127.0.0.1 --target IQN --check \\
           --chap-user alice --chap-secret-file alice.secret \\
           --mutual-user target1 --mutual-secret-file target1.secret
     """
     validate_name(target_name)
+    fuse_opts = fuse_options_from(kw, fuse)
     auth = auth_from(kw)
-    if not check:
-        raise ConfigError("only `login --check` exists in this version: the kernel and FUSE "
-                          "data paths are not built yet")
     config = LoginConfig(initiator_name=auth.initiator_name, target_name=target_name,
                          isid=new_isid(), credentials=auth.credentials, mutual=auth.mutual,
                          chap_algorithms=auth.chap_algorithms,
                          header_digest=DIGEST_CHOICES[header_digest],
                          data_digest=DIGEST_CHOICES[data_digest])
+    if not check:
+        if fuse_opts is None:
+            raise ConfigError("give --check, or --fuse MOUNT for the FUSE path (the kernel "
+                              "path is not built yet)")
+        fuse_opts.login_timeout = auth.timeout
+        trio.run(run_fuse, [(portal, config)], fuse_opts)
+        return
     session = do_login(portal, config, timeout=auth.timeout)
     with session.connection:
         Exchange(session.connection, session.result).logout(timeout=auth.timeout)
@@ -124,6 +145,40 @@ def login(portal: Portal, target_name: str, check: bool, header_digest: str,
     else:
         print_login(session.result, target=target_name, portal=session.portal)
         click.echo("logged out")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("portal", type=PortalType())
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@fuse_options
+@auth_options
+def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
+    """Mount every target a portal lists, one session each, as a FUSE tree.
+
+    \b
+    MOUNTPOINT/<host>/<target>/storage is each target's first disk LUN,
+    lunN/storage every disk LUN. Runs until Ctrl-C or SIGTERM.
+
+    \b
+    Examples:
+      iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi
+      iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi --loop
+    """
+    opts = fuse_options_from(kw, mountpoint)
+    assert opts is not None
+    auth = auth_from(kw)
+    opts.login_timeout = auth.timeout
+    targets = discover(portal, initiator_name=auth.initiator_name,
+                       credentials=auth.credentials, mutual=auth.mutual,
+                       chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    if not targets:
+        raise ConfigError(f"{portal} lists no targets")
+    logins = [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
+                                         target_name=t.name, isid=new_isid(),
+                                         credentials=auth.credentials, mutual=auth.mutual,
+                                         chap_algorithms=auth.chap_algorithms))
+              for t in targets]
+    trio.run(run_fuse, logins, opts)
 
 
 @cli.command(epilog=EPILOG)
@@ -144,8 +199,30 @@ def demo(portal: Portal | None, target_name: str | None) -> None:
     run_demo(portal, target_name)
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """trio wraps errors from tasks in ExceptionGroups: find the one that matters."""
+    while isinstance(exc, BaseExceptionGroup):
+        mine = [e for e in exc.exceptions if isinstance(_unwrap(e), IscsiError)]
+        others = [e for e in exc.exceptions if isinstance(_unwrap(e), KeyboardInterrupt)]
+        picked = mine or others or list(exc.exceptions)
+        if len(picked) != 1 and not mine:
+            return exc
+        exc = _unwrap(picked[0])
+    return exc
+
+
 def main() -> None:
     """Console entry point: run the CLI, turning our errors into one line each."""
+    try:
+        _run()
+    except BaseExceptionGroup as group:
+        inner = _unwrap(group)
+        if inner is group:
+            raise
+        _run_handled(inner)
+
+
+def _run() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -160,9 +237,26 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
+    except BaseExceptionGroup:
+        raise
     except Exception as exc:  # a bug: say so in one line; -v shows where
-        if log.isEnabledFor(logging.INFO):
-            raise
-        click.echo(f"iscsi-handoff: internal error: {type(exc).__name__}: {exc} "
-                   "(run with -v for a traceback)", err=True)
-        sys.exit(EXIT_INTERNAL)
+        _internal(exc)
+
+
+def _internal(exc: BaseException) -> None:
+    if log.isEnabledFor(logging.INFO):
+        raise exc
+    click.echo(f"iscsi-handoff: internal error: {type(exc).__name__}: {exc} "
+               "(run with -v for a traceback)", err=True)
+    sys.exit(EXIT_INTERNAL)
+
+
+def _run_handled(exc: BaseException) -> None:
+    """The same answers as _run gives, for an error that came out of a trio nursery."""
+    if isinstance(exc, IscsiError):
+        click.echo(f"iscsi-handoff: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo("iscsi-handoff: interrupted", err=True)
+        sys.exit(130)
+    _internal(exc)

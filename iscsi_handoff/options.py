@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
+from iscsi_handoff.fuse_path import FuseOptions
 from iscsi_handoff.identity import initiator_name
 from iscsi_handoff.secrets import load_credentials
 from userland.errors import ConfigError
@@ -56,6 +57,35 @@ def auth_options(func: F) -> F:
         click.option("--timeout", type=click.FloatRange(0.1, 3600), default=15.0,
                      show_default=True, help="Seconds allowed for connect and login."),
     )(func)
+
+
+def fuse_options(func: F) -> F:
+    return _stack(
+        click.option("--fuse", type=click.Path(file_okay=False, path_type=Path),
+                     metavar="MOUNT", help="Serve the LUNs as files under MOUNT (FUSE)."),
+        click.option("--loop", is_flag=True,
+                     help="Also attach each storage file as /dev/loopN (direct I/O)."),
+        click.option("--allow-other", is_flag=True,
+                     help="Let other users see the FUSE tree (default: only its owner)."),
+        click.option("--queue-depth", type=click.IntRange(1, 1024), default=32,
+                     show_default=True, help="Commands in flight per session."),
+        click.option("--replacement-timeout", type=click.FloatRange(1, 86400), default=120.0,
+                     show_default=True,
+                     help="Seconds to keep retrying a lost connection before I/O fails."),
+    )(func)
+
+
+def fuse_options_from(kw: dict[str, Any], mountpoint: Path | None) -> FuseOptions | None:
+    """Pop the data-path options; None when there is no mount point."""
+    opts = FuseOptions(mountpoint=Path("."), loop=kw.pop("loop"),
+                       allow_other=kw.pop("allow_other"), queue_depth=kw.pop("queue_depth"),
+                       replacement_timeout=kw.pop("replacement_timeout"))
+    if mountpoint is None:
+        if opts.loop or opts.allow_other:
+            raise ConfigError("--loop and --allow-other need --fuse MOUNT")
+        return None
+    opts.mountpoint = mountpoint
+    return opts
 
 
 @dataclass

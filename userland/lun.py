@@ -22,6 +22,7 @@ log = logging.getLogger("iscsi_handoff.scsi")
 
 RETRIES = 5
 DEFAULT_MAX_TRANSFER = 8 << 20  # when the target states no limit (VPD B0)
+DISK = 0x00  # SCSI peripheral device type: direct-access block device
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Lun:
                                                      read_length=255)).data)
         self.info.vendor, self.info.product = inq.vendor, inq.product
         self.info.version, self.info.device_type = inq.revision, inq.device_type
+        if inq.device_type != DISK:
+            return  # a controller (tgt's LUN 0) or other device: nothing to read or write
         pages = await self._vpd_pages()
         if scsi.VPD_UNIT_SERIAL_NUMBER in pages:
             data = await self._vpd(scsi.VPD_UNIT_SERIAL_NUMBER)

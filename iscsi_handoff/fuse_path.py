@@ -1,0 +1,136 @@
+"""The FUSE fallback: userland sessions carry the data, each disk LUN a file in a tree.
+
+One session per target (all under one trio loop with pyfuse3), every disk LUN probed,
+then the tree is served until SIGINT/SIGTERM; with ``loop`` each target's storage file
+is attached with `losetup --direct-io=on` and detached again on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import trio
+
+from fallback_fuse import loop as loopdev
+from fallback_fuse.device import LunEntry, TargetEntry
+from fallback_fuse.mount import serve
+from fallback_fuse.tree import Tree, short_name
+from userland.errors import ConfigError, PathUnavailable
+from userland.login.machine import LoginConfig
+from userland.lun import DISK, Lun, report_luns
+from userland.portal import Portal
+from userland.runner import SessionRunner
+
+log = logging.getLogger("iscsi_handoff.fuse")
+
+
+@dataclass
+class FuseOptions:
+    mountpoint: Path
+    loop: bool = False
+    allow_other: bool = False
+    queue_depth: int = 32
+    replacement_timeout: float = 120.0
+    login_timeout: float = 15.0
+
+
+@dataclass
+class Mounted:
+    """What a running mount shows, for the printout and for tests."""
+
+    storage_paths: list[Path] = field(default_factory=list)
+    loops: list[str] = field(default_factory=list)
+
+
+def check_fuse_available() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise PathUnavailable("FUSE is unavailable: /dev/fuse is missing (modprobe fuse, or "
+                              "run the container with --device /dev/fuse)")
+
+
+async def _open_target(nursery: trio.Nursery, portal: Portal, config: LoginConfig,
+                       opts: FuseOptions) -> tuple[SessionRunner, TargetEntry]:
+    runner = SessionRunner(portal, config, queue_depth=opts.queue_depth,
+                           replacement_timeout=opts.replacement_timeout,
+                           login_timeout=opts.login_timeout)
+    await runner.start(nursery)
+    assert config.target_name is not None and runner.transport is not None
+    ip = str(runner.transport.sock.getpeername()[0])
+    entry = TargetEntry(hostname=portal.host, ip=ip, targetname=config.target_name)
+    for number in await report_luns(runner):
+        lun = Lun(runner, number)
+        await lun.probe()
+        if lun.info.device_type != DISK:
+            continue  # tgt's LUN 0 is a controller, for one
+        entry.luns.append(LunEntry(number, lun, lun.info.vendor, lun.info.product,
+                                   lun.info.version, lun.info.serial))
+    if not entry.luns:
+        log.warning("%s has no disk LUNs", config.target_name)
+    return runner, entry
+
+
+async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
+                   mounted: Mounted | None = None, *, stop: trio.Event | None = None) -> None:
+    check_fuse_available()
+    if not opts.mountpoint.is_dir():
+        raise ConfigError(f"mount point {opts.mountpoint} is not a directory")
+    mounted = mounted if mounted is not None else Mounted()
+    runners: list[SessionRunner] = []
+    async with trio.open_nursery() as nursery:
+        try:
+            entries = []
+            for portal, config in logins:
+                runner, entry = await _open_target(nursery, portal, config, opts)
+                runners.append(runner)
+                entries.append(entry)
+
+            async def ready(tree: Tree) -> None:
+                await _announce(entries, opts, mounted)
+
+            async def stopping() -> None:
+                for device in reversed(mounted.loops):
+                    with contextlib.suppress(OSError):
+                        await loopdev.detach(device)
+                        click.echo(f"detached {device}")
+
+            await serve(opts.mountpoint, entries, allow_other=opts.allow_other,
+                        on_ready=ready, on_stop=stopping, stop=stop)
+        finally:
+            with trio.CancelScope(shield=True):
+                for runner in runners:
+                    await runner.close()
+            nursery.cancel_scope.cancel()
+    click.echo(f"unmounted {opts.mountpoint}; logged out")
+
+
+async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Mounted) -> None:
+    for entry in entries:
+        folder = opts.mountpoint / entry.hostname / short_name(entry.targetname)
+        if not entry.luns:
+            continue
+        storage = folder / "storage"
+        mounted.storage_paths.append(storage)
+        first = entry.luns[0]
+        size = first.device.num_blocks * first.device.block_size
+        click.echo(f"{entry.targetname}: {storage} (LUN {first.number}, {_size(size)}"
+                   f"{', read-only' if first.device.read_only else ''})")
+        for lun in entry.luns[1:]:
+            click.echo(f"  LUN {lun.number}: {folder / f'lun{lun.number}' / 'storage'}")
+        if opts.loop:
+            device = await loopdev.attach(storage, read_only=first.device.read_only)
+            mounted.loops.append(device)
+            depth = loopdev.raise_max_background(opts.mountpoint, opts.queue_depth)
+            click.echo(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
+    click.echo("serving; Ctrl-C or SIGTERM to finish I/O, log out and unmount")
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
