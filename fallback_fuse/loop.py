@@ -1,12 +1,21 @@
-"""A loop device over the storage file, and the FUSE queue depth behind it."""
+"""A loop device over a storage file, and the FUSE queue depth behind it.
+
+``losetup --direct-io=on``: the loop driver then sends its requests to the file as
+asynchronous O_DIRECT I/O, so up to ``max_background`` of them reach the daemon at
+once, and none sits in the page cache. Without it the daemon sees one request at a
+time. ``max_background`` (12 by default) is raised through fusectl.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 import trio
+
+log = logging.getLogger("iscsi_handoff.fuse")
 
 FUSECTL = Path("/sys/fs/fuse/connections")
 
@@ -15,34 +24,66 @@ class LoopError(OSError):
     pass
 
 
-async def attach(path: Path, *, read_only: bool = False) -> str:
-    """`losetup --direct-io=on`: without it the daemon sees one request at a time."""
-    args = ["losetup", "-f", "--show", "--direct-io=on", *(["-r"] if read_only else []),
-            str(path)]
-    proc = await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
+async def attach(path: str | os.PathLike[str], *, read_only: bool = False,
+                 sector_size: int | None = None) -> str:
+    """Attach ``path`` to a free loop device with direct I/O; returns "/dev/loopN".
+
+    ``sector_size``: the LUN's block size, so nothing above writes part of a block.
+    """
+    args = ["losetup", "-f", "--show", "--direct-io=on"]
+    if read_only:
+        args.append("--read-only")
+    if sector_size:
+        args += ["--sector-size", str(sector_size)]
+    proc = await trio.run_process([*args, os.fspath(path)], capture_stdout=True,
+                                  capture_stderr=True, check=False)
     if proc.returncode != 0:
         raise LoopError(f"losetup failed: {proc.stderr.decode().strip()}")
-    return proc.stdout.decode().strip()
+    device = proc.stdout.decode().strip()
+    if not uses_direct_io(device):
+        log.warning("%s: the kernel refused direct I/O; requests reach the target one "
+                    "at a time", device)
+    return device
 
 
 async def detach(device: str) -> None:
-    proc = await trio.run_process(["losetup", "-d", device], capture_stderr=True, check=False)
+    proc = await trio.run_process(["losetup", "-d", device], capture_stderr=True,
+                                  check=False)
     if proc.returncode != 0:
         raise LoopError(f"losetup -d {device} failed: {proc.stderr.decode().strip()}")
 
 
-def connection_dir(mountpoint: Path) -> Path:
-    """/sys/fs/fuse/connections/<N>, N being the minor number of the mount's st_dev."""
-    if not FUSECTL.is_dir() or not any(FUSECTL.iterdir()):
-        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False,
-                       capture_output=True)
-    return FUSECTL / str(os.minor(os.stat(mountpoint).st_dev))
+def uses_direct_io(device: str) -> bool:
+    knob = Path("/sys/block") / Path(device).name / "loop" / "dio"
+    try:
+        return knob.read_text().strip() == "1"
+    except OSError:
+        return False
 
 
-def raise_max_background(mountpoint: Path, queue_depth: int) -> int:
-    """Let the kernel keep ``queue_depth`` requests in flight (FUSE's default is 12)."""
-    knob = connection_dir(mountpoint) / "max_background"
-    current = int(knob.read_text())
-    if queue_depth > current:
+def connection_dir(mountpoint: str | os.PathLike[str]) -> Path:
+    """/sys/fs/fuse/connections/<N>: N is the mount's device number (major 0 for FUSE,
+    so its minor), mounting fusectl there first if nobody has."""
+    if not os.path.ismount(FUSECTL):
+        proc = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise LoopError(f"cannot mount fusectl: {proc.stderr.strip()}")
+    dev = os.stat(mountpoint).st_dev
+    folder = FUSECTL / str(os.major(dev) << 20 | os.minor(dev))  # the kernel's dev_t
+    if not folder.is_dir():
+        raise LoopError(f"{mountpoint} has no FUSE connection under {FUSECTL}")
+    return folder
+
+
+def raise_max_background(mountpoint: str | os.PathLike[str], queue_depth: int) -> int:
+    """Let the kernel keep ``queue_depth`` requests in flight; returns the value now set.
+
+    The congestion threshold follows at 3/4, where FUSE's defaults (12, 9) have it.
+    """
+    folder = connection_dir(mountpoint)
+    knob = folder / "max_background"
+    if queue_depth > int(knob.read_text()):
         knob.write_text(str(queue_depth))
+        (folder / "congestion_threshold").write_text(str(max(1, queue_depth * 3 // 4)))
     return int(knob.read_text())

@@ -1,64 +1,174 @@
-"""Serve the tree under trio until SIGINT/SIGTERM, then finish in-flight I/O and unmount."""
+"""Serve the tree under trio; on SIGINT/SIGTERM finish in-flight I/O, then unmount.
+
+The stop, in order: ``on_stop`` (the caller detaches its loop devices while the daemon
+still answers), a short wait for storage files to be closed (a detached loop device
+releases its file a moment later), ``pyfuse3.terminate()`` (no new requests are read;
+those being served finish), a SYNCHRONIZE CACHE on every LUN written to, and the
+unmount. A second signal skips the wait for open files; a third abandons requests
+that are still waiting on the target.
+
+pyfuse3 keeps one session per process: one ``serve`` at a time.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from fallback_fuse.device import TargetEntry
+from fallback_fuse.device import TargetInfo
 from fallback_fuse.ops import Operations
 from fallback_fuse.tree import Tree
+from userland.errors import ConfigError, PathUnavailable
 
 log = logging.getLogger("iscsi_handoff.fuse")
 
-async def serve(mountpoint: Path, targets: list[TargetEntry], *, allow_other: bool = False,
-                on_ready: Callable[[Tree], Awaitable[None]] | None = None,
-                on_stop: Callable[[], Awaitable[None]] | None = None,
-                stop: trio.Event | None = None) -> None:
-    """Mount, call ``on_ready`` (loop attach, printing), serve until a signal or ``stop``.
+CLOSE_GRACE = 10.0  # seconds to wait for storage files to be closed after on_stop
+MAX_TASKS = 128  # requests served at once; above any max_background we set
+FINAL_SYNC_TIMEOUT = 30.0  # signals are no longer heard then: never hang on the way out
 
-    No writeback cache (it would acknowledge bytes the target never got); the mount
-    belongs to its caller unless ``allow_other``.
-    """
-    tree = Tree(targets)
-    ops = Operations(tree)
+
+def mount_options(allow_other: bool) -> set[str]:
+    """No writeback cache (pyfuse3 only asks for it when told): it would acknowledge
+    bytes the target never got. The mount is its caller's alone unless allow_other."""
     options = set(pyfuse3.default_options) | {"fsname=iscsi-handoff", "subtype=iscsi"}
     if allow_other:
         options.add("allow_other")
-    stop = stop or trio.Event()
-    pyfuse3.init(ops, str(mountpoint), options)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stopper, stop, on_stop, nursery.cancel_scope)
-            if on_ready is not None:
-                nursery.start_soon(on_ready, tree)
-            # main() returns once terminate() is called; requests being served finish.
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        pyfuse3.close(unmount=True)
+    return options
 
 
-async def _stopper(stop: trio.Event, on_stop: Callable[[], Awaitable[None]] | None,
-                   scope: trio.CancelScope) -> None:
+class _StopRequests:
+    """Signals and the caller's ``stop`` event, counted: each one asks for more force."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def request(self) -> None:
+        self.count += 1
+        self._lot.unpark_all()
+
+    async def wait_beyond(self, count: int) -> None:
+        while self.count <= count:
+            await self._lot.park()
+
+
+async def serve(mountpoint: str | os.PathLike[str], targets: Sequence[TargetInfo], *,
+                allow_other: bool = False,
+                on_ready: Callable[[Tree], Awaitable[None]] | None = None,
+                on_stop: Callable[[], Awaitable[None]] | None = None,
+                stop: trio.Event | None = None, direct_io: bool = True,
+                max_tasks: int = MAX_TASKS, close_grace: float = CLOSE_GRACE) -> None:
+    """Mount ``targets`` at ``mountpoint`` and serve them until told to stop.
+
+    ``on_ready(tree)`` runs once mounted (attach loop devices, print paths);
+    ``on_stop()`` runs first thing when stopping. Stop with SIGINT/SIGTERM (when run
+    in the main thread) or by setting ``stop``. ``direct_io=False`` lets the page
+    cache serve the storage files (see ``ops``). The mount point is the caller's: it
+    is neither created nor removed.
+    """
+    if not Path(mountpoint).is_dir():
+        raise ConfigError(f"mount point {os.fspath(mountpoint)} is not a directory")
+    tree = Tree(targets, private=allow_other)
+    ops = Operations(tree, direct_io=direct_io)
+    stops = _StopRequests()
+    # Signals are caught before mounting: a SIGTERM right after must still unmount.
+    with _signal_receiver() as signals:
+        try:
+            pyfuse3.init(ops, os.fspath(mountpoint), mount_options(allow_other))
+        except RuntimeError as exc:
+            raise PathUnavailable(f"cannot mount FUSE at {os.fspath(mountpoint)}: {exc} "
+                                  "(is /dev/fuse there, and fusermount3 installed?)") from None
+        try:
+            await _serve_mounted(tree, ops, stops, signals, stop, on_ready, on_stop,
+                                 max_tasks, close_grace)
+        finally:
+            pyfuse3.close(unmount=True)
+
+
+async def _serve_mounted(tree: Tree, ops: Operations, stops: _StopRequests,
+                         signals: AsyncIterator[int] | None, stop: trio.Event | None,
+                         on_ready: Callable[[Tree], Awaitable[None]] | None,
+                         on_stop: Callable[[], Awaitable[None]] | None,
+                         max_tasks: int, close_grace: float) -> None:
+    serving = trio.CancelScope()
+    stopped = False
+
+    async def run_on_stop() -> None:
+        nonlocal stopped
+        if on_stop is not None and not stopped:
+            stopped = True
+            await on_stop()
+
+    async def stopper() -> None:
+        await stops.wait_beyond(0)
+        await run_on_stop()
+        with trio.move_on_after(close_grace):
+            while ops.open_storage and stops.count == 1:
+                await trio.sleep(0.05)
+        if ops.open_storage:
+            log.warning("%d storage file(s) still open: their users will get errors",
+                        ops.open_storage)
+        pyfuse3.terminate()  # main() returns once the requests being served are done
+        await stops.wait_beyond(stops.count)
+        log.warning("abandoning requests still waiting on the target")
+        serving.cancel()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, stop)
-        await stop.wait()
+        if signals is not None:
+            nursery.start_soon(_signals_to, signals, stops)
+        if stop is not None:
+            nursery.start_soon(_event_to, stop, stops)
+        nursery.start_soon(stopper)
+        if on_ready is not None:
+            nursery.start_soon(on_ready, tree)
+        with serving:
+            await pyfuse3.main(max_tasks=max_tasks)
         nursery.cancel_scope.cancel()
-    if on_stop is not None:
-        await on_stop()
-    pyfuse3.terminate()
+    if not serving.cancelled_caught:
+        with trio.move_on_after(FINAL_SYNC_TIMEOUT) as scope:
+            await _sync_written(tree)
+        if scope.cancelled_caught:
+            log.warning("final SYNCHRONIZE CACHE timed out")
+    with trio.CancelScope(shield=True):
+        try:
+            await run_on_stop()  # unmounted from outside: still let the caller clean up
+        except Exception:
+            log.exception("on_stop failed")
 
 
-async def _signals(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.warning("got %s: finishing I/O, logging out, unmounting",
-                        signal.Signals(signum).name)
-            stop.set()
-            return
+async def _sync_written(tree: Tree) -> None:
+    for storage in tree.storages:
+        if storage.dirty:
+            try:
+                await storage.sync()
+            except Exception as exc:
+                log.warning("final SYNCHRONIZE CACHE failed: %s", exc)
+
+
+async def _event_to(stop: trio.Event, stops: _StopRequests) -> None:
+    await stop.wait()
+    stops.request()
+
+
+async def _signals_to(signals: AsyncIterator[int], stops: _StopRequests) -> None:
+    async for signum in signals:
+        log.warning("got %s: finishing I/O, then unmounting", signal.Signals(signum).name)
+        stops.request()
+
+
+@contextlib.contextmanager
+def _signal_receiver() -> Iterator[AsyncIterator[int] | None]:
+    """SIGINT/SIGTERM as stop requests; only the main thread can catch them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        yield receiver

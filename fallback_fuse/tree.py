@@ -1,82 +1,134 @@
-"""The FUSE tree's layout: MOUNT/<host>/<target>/{storage, info links, lunN/}.
+"""The tree's layout, built once at mount time; nothing in it is created or removed later.
 
-Info entries are symbolic links whose target is the value (`ls -l` shows
-`vendor -> IET`), as the NetBSD userland initiator showed them.
+    MOUNT/<host>/<target>/storage              the target's first disk LUN
+    MOUNT/<host>/<target>/{hostname,ip,targetname,vendor,product,version,serial}
+    MOUNT/<host>/<target>/lun<N>/storage       every disk LUN, with the same info files
+
+``<target>`` is the IQN after its last colon. Info entries are symbolic links whose
+target is the value, as the NetBSD initiator showed them: ``ls -l`` prints every value at
+a glance and ``readlink`` gives one to a script. ``<target>/storage`` is a hard link to
+``lun<N>/storage`` of the first LUN: one inode, so one page cache and one lock table.
 """
 
 from __future__ import annotations
 
 import stat
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
-from fallback_fuse.device import LunEntry, TargetEntry
+from fallback_fuse.device import LunInfo, TargetInfo
 from fallback_fuse.storage import Storage
+from userland.errors import ConfigError
 
 ROOT_INODE = 1
+INFO_NAMES = ("hostname", "ip", "targetname", "vendor", "product", "version", "serial")
 
 
-@dataclass
+@dataclass(eq=False)
 class Node:
     inode: int
-    name: str
     mode: int
-    parent: int
-    children: dict[str, int] = field(default_factory=dict)
-    link: str | None = None  # symlink target
-    storage: Storage | None = None
-    read_only: bool = False
+    children: dict[str, int] = field(default_factory=dict)  # directories only
+    storage: Storage | None = None  # a LUN's storage file
+    content: bytes | None = None  # an info entry: its symlink target
+    nlink: int = 0  # directory entries naming it (files; ops counts directories)
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    @property
+    def size(self) -> int:
+        if self.storage is not None:
+            return self.storage.size
+        return len(self.content) if self.content is not None else 0
+
 
 def short_name(targetname: str) -> str:
     """The part of the IQN after its last colon (the whole name if it has none)."""
-    return targetname.rpartition(":")[2] or targetname
+    return _safe(targetname.rpartition(":")[2] or targetname)
+
+
+def _safe(name: str) -> str:
+    """A single path component: no slash, not empty, not '.' or '..'."""
+    name = name.replace("/", "_").replace("\0", "_")
+    return "_" if name in ("", ".", "..") else name
 
 
 class Tree:
-    def __init__(self, targets: list[TargetEntry]) -> None:
-        self.nodes: dict[int, Node] = {}
+    def __init__(self, targets: Sequence[TargetInfo], *, private: bool = False) -> None:
+        """``private``: storage files 0600 (0400 read-only), for a mount others can enter."""
+        self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, stat.S_IFDIR | 0o755)}
         self.storages: list[Storage] = []
-        self._add(Node(ROOT_INODE, "", stat.S_IFDIR | 0o755, ROOT_INODE))
+        self.storage_paths: list[PurePosixPath] = []  # relative to the mount point
+        self.created_ns = time.time_ns()
+        self._rw_mode = 0o600 if private else 0o644
         for target in targets:
-            host = self._dir(ROOT_INODE, target.hostname)
-            folder = self._dir(host, short_name(target.targetname))
-            if target.luns:
-                self._lun_files(folder, target, target.luns[0])
-            else:
-                self._info_links(folder, target, None)
-            for lun in target.luns:
-                self._lun_files(self._dir(folder, f"lun{lun.number}"), target, lun)
+            self._add_target(target)
 
-    def _add(self, node: Node) -> int:
+    def _add_target(self, target: TargetInfo) -> None:
+        host = self._dir(ROOT_INODE, _safe(target.hostname))
+        name = short_name(target.targetname)
+        if name in self.nodes[host].children:
+            raise ConfigError(f"two targets on {target.hostname} are both named {name!r} "
+                              f"after their last colon ({target.targetname})")
+        folder = self._dir(host, name)
+        path = PurePosixPath(_safe(target.hostname), name)
+        values = {"hostname": target.hostname, "ip": target.ip,
+                  "targetname": target.targetname}
+        if not target.luns:
+            self._info_files(folder, values)
+            return
+        for index, lun in enumerate(target.luns):
+            sub = f"lun{lun.lun}"
+            if sub in self.nodes[folder].children:
+                raise ConfigError(f"{target.targetname} lists LUN {lun.lun} twice")
+            lun_dir = self._dir(folder, sub)
+            storage = self._storage(lun_dir, lun)
+            self._info_files(lun_dir, values | self._lun_values(lun))
+            self.storage_paths.append(path / sub / "storage")
+            if index == 0:
+                self._link(folder, "storage", storage)
+                self._info_files(folder, values | self._lun_values(lun))
+                self.storage_paths.append(path / "storage")
+
+    @staticmethod
+    def _lun_values(lun: LunInfo) -> dict[str, str]:
+        return {"vendor": lun.vendor, "product": lun.product, "version": lun.version,
+                "serial": lun.serial}
+
+    def _new(self, parent: int, name: str, mode: int, *, storage: Storage | None = None,
+             content: bytes | None = None) -> Node:
+        node = Node(len(self.nodes) + 1, mode, storage=storage, content=content)
         self.nodes[node.inode] = node
-        if node.inode != ROOT_INODE:
-            self.nodes[node.parent].children[node.name] = node.inode
-        return node.inode
+        self._link(parent, name, node)
+        return node
+
+    def _link(self, parent: int, name: str, node: Node) -> None:
+        self.nodes[parent].children[name] = node.inode
+        node.nlink += 1
 
     def _dir(self, parent: int, name: str) -> int:
         existing = self.nodes[parent].children.get(name)
         if existing is not None:
             return existing
-        return self._add(Node(len(self.nodes) + 1, name, stat.S_IFDIR | 0o755, parent))
+        return self._new(parent, name, stat.S_IFDIR | 0o755).inode
 
-    def _lun_files(self, folder: int, target: TargetEntry, lun: LunEntry) -> None:
+    def _storage(self, folder: int, lun: LunInfo) -> Node:
         storage = Storage(lun.device)
         self.storages.append(storage)
-        ro = lun.device.read_only
-        self._add(Node(len(self.nodes) + 1, "storage", stat.S_IFREG | (0o444 if ro else 0o644),
-                       folder, storage=storage, read_only=ro))
-        self._info_links(folder, target, lun)
+        mode = self._rw_mode & ~0o222 if lun.device.read_only else self._rw_mode
+        return self._new(folder, "storage", stat.S_IFREG | mode, storage=storage)
 
-    def _info_links(self, folder: int, target: TargetEntry, lun: LunEntry | None) -> None:
-        values = {"hostname": target.hostname, "ip": target.ip,
-                  "targetname": target.targetname}
-        if lun is not None:
-            values |= {"vendor": lun.vendor, "product": lun.product,
-                       "version": lun.version, "serial": lun.serial}
-        for name, value in values.items():
-            self._add(Node(len(self.nodes) + 1, name, stat.S_IFLNK | 0o777, folder,
-                           link=value or "-"))
+    def _info_files(self, folder: int, values: dict[str, str]) -> None:
+        for name in INFO_NAMES:
+            if name in values:
+                # A symlink's target may not be empty: show an absent value as "-".
+                content = (values[name] or "-").encode()
+                self._new(folder, name, stat.S_IFLNK | 0o777, content=content)
+
+    def directory_count(self, node: Node) -> int:
+        """Subdirectories of a directory, for its link count."""
+        return sum(self.nodes[child].is_dir for child in node.children.values())

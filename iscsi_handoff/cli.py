@@ -260,3 +260,8 @@ def _run_handled(exc: BaseException) -> None:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
     _internal(exc)
+
+
+from iscsi_handoff import cli_kernel  # noqa: E402  (registers doctor, session)
+
+cli_kernel.register(cli)
