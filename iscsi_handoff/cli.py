@@ -16,7 +16,8 @@ import click
 import trio
 
 from iscsi_handoff import __version__
-from iscsi_handoff.fuse_path import run_fuse
+from iscsi_handoff.fuse_path import FuseOptions, run_fuse
+from iscsi_handoff.login_path import decide, prepare_mountpoint
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
     PortalType,
@@ -27,7 +28,7 @@ from iscsi_handoff.options import (
 )
 from iscsi_handoff.output import login_json, print_login, print_targets
 from userland.discovery.run import discover
-from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError
+from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
@@ -93,6 +94,8 @@ discover_cmd.name = "discover"
 @click.option("--target", "target_name", required=True, metavar="IQN", help="Target name.")
 @click.option("--check", is_flag=True,
               help="Log in, print the negotiated parameters, log out.")
+@click.option("--kernel", "force_kernel", is_flag=True,
+              help="Insist on the kernel path (an error where iscsi_tcp is missing).")
 @click.option("--header-digest", type=click.Choice(sorted(DIGEST_CHOICES)),
               default="prefer-none", show_default=True,
               help="CRC32C header digest: never, always, or either with a preference.")
@@ -101,11 +104,17 @@ discover_cmd.name = "discover"
 @fuse_options
 @auth_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (--check).")
-def login(portal: Portal, target_name: str, check: bool, header_digest: str,
-          data_digest: str, as_json: bool, fuse: Path | None, **kw: Any) -> None:
+def login(portal: Portal, target_name: str, check: bool, force_kernel: bool,
+          header_digest: str, data_digest: str, as_json: bool, fuse: Path | None,
+          **kw: Any) -> None:
     """Log in to a target and give its LUNs to this machine.
 
     \b
+    By default the kernel path: log in here, hand the connection to the
+    kernel's iscsi_tcp, print each LUN's /dev/sdX, then stay to answer
+    connection errors until Ctrl-C or SIGTERM (which log out). Where the
+    kernel has no iSCSI, the FUSE fallback instead, with a loop device, and
+    one line saying why (`iscsi-handoff doctor` tells which path you get).
     With --check: log in to full feature phase, show every negotiated
     parameter and which side chose it, log out, exit 0.
     With --fuse MOUNT: the userland session carries the data and each disk
@@ -115,6 +124,7 @@ def login(portal: Portal, target_name: str, check: bool, header_digest: str,
 
     \b
     Examples:
+      iscsi-handoff login --portal 127.0.0.1:3260 --target IQN
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --check
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --fuse /mnt/iscsi --loop
       iscsi-handoff login --portal 127.0.0.1 --target IQN --check \\
@@ -122,19 +132,31 @@ def login(portal: Portal, target_name: str, check: bool, header_digest: str,
           --mutual-user target1 --mutual-secret-file target1.secret
     """
     validate_name(target_name)
-    fuse_opts = fuse_options_from(kw, fuse)
+    if check and (fuse is not None or force_kernel or kw["loop"]):
+        raise ConfigError("--check logs in and out again: it takes no --fuse, --loop or "
+                          "--kernel")
+    # The fallback may be chosen below, so its options apply without --fuse too.
+    data_opts = fuse_options_from(kw, fuse if fuse is not None else Path("."))
+    assert data_opts is not None
     auth = auth_from(kw)
     config = LoginConfig(initiator_name=auth.initiator_name, target_name=target_name,
                          isid=new_isid(), credentials=auth.credentials, mutual=auth.mutual,
                          chap_algorithms=auth.chap_algorithms,
                          header_digest=DIGEST_CHOICES[header_digest],
                          data_digest=DIGEST_CHOICES[data_digest])
+    data_opts.login_timeout = auth.timeout
     if not check:
-        if fuse_opts is None:
-            raise ConfigError("give --check, or --fuse MOUNT for the FUSE path (the kernel "
-                              "path is not built yet)")
-        fuse_opts.login_timeout = auth.timeout
-        trio.run(run_fuse, [(portal, config)], fuse_opts)
+        choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
+        if choice.path == "kernel":
+            run_kernel(portal, config, data_opts, as_json=as_json)
+            return
+        if choice.notice is not None:
+            click.echo(f"iscsi-handoff: {choice.notice}", err=True)
+        assert choice.mountpoint is not None
+        data_opts.mountpoint = (choice.mountpoint if fuse is not None
+                                else prepare_mountpoint(choice.mountpoint))
+        data_opts.loop = choice.loop
+        trio.run(run_fuse, [(portal, config)], data_opts)
         return
     session = do_login(portal, config, timeout=auth.timeout)
     with session.connection:
@@ -145,6 +167,18 @@ def login(portal: Portal, target_name: str, check: bool, header_digest: str,
     else:
         print_login(session.result, target=target_name, portal=session.portal)
         click.echo("logged out")
+
+
+def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *,
+               as_json: bool) -> None:
+    """The kernel path: imported only when taken (it needs netlink, not FUSE)."""
+    try:
+        from iscsi_handoff.kernel_path import run_kernel_login
+    except ImportError as exc:
+        raise PathUnavailable(f"the kernel path is not part of this build ({exc})") from None
+    run_kernel_login(portal, config, queue_depth=opts.queue_depth,
+                     replacement_timeout=opts.replacement_timeout,
+                     login_timeout=opts.login_timeout, as_json=as_json)
 
 
 @cli.command(epilog=EPILOG)

@@ -1,4 +1,5 @@
-"""`iscsi-handoff demo`: the whole tour against a throwaway tgtd on 127.0.0.1."""
+"""`iscsi-handoff demo`: the whole tour against a throwaway tgtd on 127.0.0.1:
+discovery, a checked login, then the data path this machine has, with ext4 on it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import click
 
+from iscsi_handoff.demo_data import data_tour
 from iscsi_handoff.identity import initiator_name
 from iscsi_handoff.output import print_login, print_targets
 from userland.discovery.run import discover
@@ -51,4 +53,6 @@ def run_demo(portal: Portal | None, target: str | None) -> None:
         with session.connection:
             Exchange(session.connection, session.result).logout(timeout=15)
         print_login(session.result, target=target, portal=session.portal)
-        click.echo("logged out\n")
+        click.echo("logged out")
+        data_tour(str(portal), target)
+        click.echo("")

@@ -122,7 +122,8 @@ async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Moun
         for lun in entry.luns[1:]:
             click.echo(f"  LUN {lun.number}: {folder / f'lun{lun.number}' / 'storage'}")
         if opts.loop:
-            device = await loopdev.attach(storage, read_only=first.device.read_only)
+            device = await loopdev.attach(storage, read_only=first.device.read_only,
+                                          sector_size=first.device.block_size)
             mounted.loops.append(device)
             depth = loopdev.raise_max_background(opts.mountpoint, opts.queue_depth)
             click.echo(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
