@@ -108,3 +108,24 @@ class FakeTarget:
                 pass  # the initiator hung up: often the point of the test
             except BaseException as exc:  # surfaced by the test through .errors
                 self.errors.append(exc)
+
+
+def operational(peer: Peer, req: LoginRequest, keys: dict[str, str],
+                answers: dict[str, str] | None = None) -> None:
+    """Answer every offered key with the first offered value; enter full feature."""
+    reply = []
+    for key, value in keys.items():
+        if key == "MaxRecvDataSegmentLength":
+            reply.append((key, "8192"))
+        else:
+            reply.append((key, (answers or {}).get(key, value.split(",")[0])))
+    peer.send(peer.login_response(req, reply, transit=True, nsg=3, tsih=7))
+
+
+def plain_login(peer: Peer) -> None:
+    req, keys = peer.recv_login()
+    assert keys["AuthMethod"] == "None" and req.transit and req.nsg == 1
+    peer.send(peer.login_response(req, [("AuthMethod", "None"),
+                                        ("TargetPortalGroupTag", "1")], transit=True, nsg=1))
+    req, keys = peer.recv_login()
+    operational(peer, req, keys)

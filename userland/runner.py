@@ -2,7 +2,9 @@
 
 Tasks: one reader (PDUs in, dispatched by ITT to waiting callers), one sender (the only
 writer, so PDUs leave in the order the session queued them and the reader never blocks
-on a send), one ticker (NOP pings, command timeouts). On a connection failure the
+on a send), one ticker (NOP pings, command timeouts). A command without status in time
+is aborted (ABORT TASK) and issued again on the same connection; a target that does not
+answer the abort within ABORT_TIMEOUT loses the connection. On a connection failure the
 session is recovered by a new login with the same ISID (TSIH 0, session reinstatement),
 after DefaultTime2Wait, until the replacement timeout; then every waiting and new
 command fails with SessionFailed. A caller never hangs.
@@ -30,6 +32,7 @@ from userland.session import (
     LogoutRequested,
     Session,
     TaskDone,
+    TmfDone,
 )
 from userland.task import Task
 from userland.transport import Transport
@@ -38,6 +41,9 @@ log = logging.getLogger("iscsi_handoff.session")
 
 DEFAULT_REPLACEMENT_TIMEOUT = 120.0
 DEFAULT_COMMAND_TIMEOUT = 30.0
+ABORT_TIMEOUT = 10.0
+# Task Management Function responses after which the task is surely gone at the target.
+TMF_FUNCTION_COMPLETE, TMF_TASK_DOES_NOT_EXIST = 0, 1
 LOGOUT_TIMEOUT = 5.0
 
 
@@ -88,6 +94,7 @@ class SessionRunner:
                  nop_interval: float = DEFAULT_NOP_INTERVAL,
                  nop_timeout: float = DEFAULT_NOP_TIMEOUT,
                  command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+                 abort_timeout: float = ABORT_TIMEOUT,
                  login_timeout: float = 15.0) -> None:
         self.portal = portal
         self.config = config
@@ -96,6 +103,7 @@ class SessionRunner:
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
         self.command_timeout = command_timeout
+        self.abort_timeout = abort_timeout
         self.login_timeout = login_timeout
         self.session: Session | None = None
         self.transport: Transport | None = None
@@ -103,6 +111,8 @@ class SessionRunner:
         self.failed_reason: str | None = None
         self._waiters: dict[int, trio.Event] = {}
         self._issued: dict[int, float] = {}
+        self._aborting: dict[int, float] = {}  # ITT -> when ABORT TASK went out
+        self.aborts = 0
         self._kick = trio.Event()
         self._conn_failed = trio.Event()
         self._fail_reason = ""
@@ -223,11 +233,21 @@ class SessionRunner:
             now = trio.current_time()
             self._handle(session.tick(now))
             self._kick.set()
-            for task in list(session.tasks.values()):
+            for itt, task in list(session.tasks.items()):
+                aborted = self._aborting.get(itt)
+                if aborted is not None:
+                    if now - aborted > self.abort_timeout:
+                        self._connection_failed(f"ABORT TASK for command {task.cdb[0]:#04x} "
+                                                f"unanswered in {self.abort_timeout:g} s")
+                    continue
                 started = self._issued.get(id(task))
                 if started is not None and now - started > self.command_timeout:
-                    self._connection_failed(f"command {task.cdb[0]:#04x} had no status in "
-                                            f"{self.command_timeout:g} s")
+                    log.warning("command %#04x (ITT %#x) had no status in %g s: aborting it",
+                                task.cdb[0], itt, self.command_timeout)
+                    self._aborting[itt] = now
+                    self.aborts += 1
+                    session.abort(task)
+                    self._kick.set()
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:
@@ -235,6 +255,8 @@ class SessionRunner:
                 waiter = self._waiters.get(id(event.task))
                 if waiter is not None:
                     waiter.set()
+            elif isinstance(event, TmfDone):
+                self._abort_done(event)
             elif isinstance(event, ConnectionFailed):
                 self._connection_failed(event.reason)
             elif isinstance(event, LogoutDone):
@@ -243,6 +265,20 @@ class SessionRunner:
             elif isinstance(event, LogoutRequested):
                 log.warning("target asked for a logout; will log in again")
                 self._connection_failed("target requested logout")
+
+    def _abort_done(self, event: TmfDone) -> None:
+        if self._aborting.pop(event.rtt, None) is None or self.session is None:
+            return
+        if event.response not in (TMF_FUNCTION_COMPLETE, TMF_TASK_DOES_NOT_EXIST):
+            # Not aborted: only a new connection (ERL 0) makes the task's fate certain.
+            self._connection_failed(f"target refused ABORT TASK (response {event.response})")
+            return
+        task = self.session.reissue(event.rtt)
+        if task is not None:
+            self._issued[id(task)] = trio.current_time()
+            log.warning("command %#04x aborted at the target; issued again as ITT %#x",
+                        task.cdb[0], task.itt)
+            self._kick.set()
 
     # -- recovery
 
@@ -272,6 +308,7 @@ class SessionRunner:
             now = trio.current_time()
             for key in self._issued:
                 self._issued[key] = now
+            self._aborting.clear()
             self.session.restart(result, now)
             log.warning("session to %s recovered after %.1f s (%d unfinished commands "
                         "reissued)", self.portal, now - started, len(self.session.tasks))

@@ -183,6 +183,17 @@ class Session:
         self._tmf[itt] = tmf
         self._outbox.append(tmf)
 
+    def reissue(self, itt: int) -> Task | None:
+        """After ABORT TASK ended the task at the target: issue it again (new ITT, new
+        CmdSN). None when it is no longer live (its status came first)."""
+        task = self.tasks.pop(itt, None)
+        if task is None:
+            return None
+        task.reset_attempt()
+        self.waiting.appendleft(task)
+        self._issue_waiting()
+        return task
+
     def logout(self, reason: int = LogoutReason.CLOSE_SESSION) -> None:
         self._logout_itt = self._new_itt()
         self._outbox.append(LogoutRequest(itt=self._logout_itt, reason=reason, cid=0,

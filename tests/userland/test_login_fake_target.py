@@ -22,7 +22,7 @@ from userland.login.run import login
 from userland.pdu import LoginRequest, LogoutRequest, LogoutResponse, TextRequest, TextResponse
 from userland.portal import Portal
 
-from fake_target import FakeTarget, Peer
+from fake_target import FakeTarget, Peer, operational, plain_login
 
 INITIATOR = "iqn.2024-01.org.iscsi-handoff:test"
 TARGET = "iqn.2024-01.org.example:disk1"
@@ -35,27 +35,6 @@ def config(**kw: object) -> LoginConfig:
                                "isid": new_isid()}
     base.update(kw)
     return LoginConfig(**base)  # type: ignore[arg-type]
-
-
-def operational(peer: Peer, req: LoginRequest, keys: dict[str, str],
-                answers: dict[str, str] | None = None) -> None:
-    """Answer every offered key with the first offered value; enter full feature."""
-    reply = []
-    for key, value in keys.items():
-        if key == "MaxRecvDataSegmentLength":
-            reply.append((key, "8192"))
-        else:
-            reply.append((key, (answers or {}).get(key, value.split(",")[0])))
-    peer.send(peer.login_response(req, reply, transit=True, nsg=3, tsih=7))
-
-
-def plain_login(peer: Peer) -> None:
-    req, keys = peer.recv_login()
-    assert keys["AuthMethod"] == "None" and req.transit and req.nsg == 1
-    peer.send(peer.login_response(req, [("AuthMethod", "None"),
-                                        ("TargetPortalGroupTag", "1")], transit=True, nsg=1))
-    req, keys = peer.recv_login()
-    operational(peer, req, keys)
 
 
 def test_plain_login_against_the_fake_works() -> None:
