@@ -23,10 +23,14 @@ WRITE_POINTS = (
     Point("4k-qd32-write", 4096, 32, write=True),
     Point("1m-qd8-write", 1 << 20, 8, write=True),
 )
+ALL_POINTS = READ_POINTS + WRITE_POINTS
+BY_NAME = {p.name: p for p in ALL_POINTS}
 
 
 @dataclass
 class Result:
+    """One layer at one point. MB/s is 10**6 bytes a second, whatever the tool printed."""
+
     layer: str
     point: str
     iops: float
@@ -34,5 +38,8 @@ class Result:
 
     @classmethod
     def of(cls, layer: str, point: Point, ios: int, seconds: float) -> Result:
-        iops = ios / seconds
+        return cls.from_iops(layer, point, ios / seconds)
+
+    @classmethod
+    def from_iops(cls, layer: str, point: Point, iops: float) -> Result:
         return cls(layer, point.name, iops, iops * point.block_size / 1e6)

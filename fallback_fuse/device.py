@@ -115,7 +115,8 @@ class MemoryBlockDevice:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only device")
         await self._delay()
-        self.data[span] = data
+        # Through a memoryview: slice-assigning a buffer to a bytearray copies it twice.
+        memoryview(self.data)[span] = data
 
     async def synchronize_cache(self) -> None:
         await self._delay()
