@@ -1,0 +1,137 @@
+"""The lab's host-side parts, without booting: module order, the cpio writer, the kernel
+release lookup, the reading of the guest's results."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .vmlab import boot, initramfs
+from .vmlab.kernel import Kernel, resolve_release
+from .vmlab.modules import module_name, plan
+
+MODULES_DEP = """\
+kernel/drivers/scsi/iscsi_tcp.ko: kernel/drivers/scsi/libiscsi_tcp.ko \
+kernel/drivers/scsi/libiscsi.ko kernel/drivers/scsi/scsi_transport_iscsi.ko \
+kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/scsi/libiscsi_tcp.ko: kernel/drivers/scsi/libiscsi.ko \
+kernel/drivers/scsi/scsi_transport_iscsi.ko kernel/drivers/scsi/scsi_mod.ko \
+kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/scsi/libiscsi.ko: kernel/drivers/scsi/scsi_transport_iscsi.ko \
+kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/scsi/scsi_transport_iscsi.ko: kernel/drivers/scsi/scsi_mod.ko \
+kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/scsi/scsi_mod.ko: kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/scsi/scsi_common.ko:
+kernel/lib/crc64-rocksoft.ko.xz: kernel/lib/crc64.ko
+kernel/lib/crc64.ko:
+"""
+
+
+def test_plan_loads_every_module_after_its_dependencies(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text(MODULES_DEP)
+    (tmp_path / "modules.builtin").write_text("kernel/fs/overlayfs/overlay.ko\n")
+    result = plan(tmp_path, ("iscsi_tcp", "scsi_mod", "crc64_rocksoft", "overlay", "nosuch"))
+    assert result.names == ["scsi_common", "scsi_mod", "scsi_transport_iscsi", "libiscsi",
+                            "libiscsi_tcp", "iscsi_tcp", "crc64", "crc64_rocksoft"]
+    assert result.builtin == ["overlay"]
+    assert result.absent == ["nosuch"]
+
+
+def test_module_names_follow_the_kernel_spelling() -> None:
+    assert module_name("kernel/lib/crc64-rocksoft.ko.xz") == "crc64_rocksoft"
+    assert module_name("kernel/net/9p/9pnet_virtio.ko") == "9pnet_virtio"
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio(1) not installed")
+def test_newc_archive_is_read_back_by_cpio() -> None:
+    buf = io.BytesIO()
+    cpio = initramfs._Newc(buf)
+    cpio.directory("etc")
+    cpio.file("etc/odd-size", b"12345", mode=0o644)
+    cpio.file("init", b"#!/bin/sh\n", mode=0o755)
+    cpio.node("dev/console", major=5, minor=1)
+    cpio.trailer()
+    listing = subprocess.run(["cpio", "-t", "-v", "--quiet"], input=buf.getvalue(),
+                             capture_output=True, check=True, timeout=30).stdout.decode()
+    lines = listing.splitlines()
+    assert [ln.split()[-1] for ln in lines] == ["etc", "etc/odd-size", "init", "dev/console"]
+    assert lines[2].startswith("-rwxr-xr-x")
+    assert lines[3].startswith("crw-------") and "5,   1" in lines[3]
+
+
+def test_busybox_static_check() -> None:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("busybox-static not installed (./scripts/setup installs it)")
+    assert initramfs._is_static(busybox)
+    python = Path(shutil.which("python3") or "/usr/bin/python3").resolve()
+    assert not initramfs._is_static(python)
+
+
+def test_initramfs_has_init_busybox_and_the_modules_in_order(tmp_path: Path) -> None:
+    if not Path("/bin/busybox").exists():
+        pytest.skip("busybox-static not installed (./scripts/setup installs it)")
+    root = tmp_path / "k"
+    moddir = root / "lib" / "modules" / "9.9.9-test"
+    (moddir / "kernel" / "lib").mkdir(parents=True)
+    (moddir / "modules.dep").write_text("kernel/lib/crc64-rocksoft.ko.xz: kernel/lib/crc64.ko\n"
+                                        "kernel/lib/crc64.ko:\n")
+    (moddir / "kernel" / "lib" / "crc64-rocksoft.ko.xz").write_bytes(lzma.compress(b"ELF-r"))
+    (moddir / "kernel" / "lib" / "crc64.ko").write_bytes(b"ELF-c")
+    built = initramfs.build_initramfs(Kernel("9.9.9-test", root), cache=tmp_path / "cache",
+                                      wanted=("crc64_rocksoft", "9p", "nosuch"))
+    again = initramfs.build_initramfs(Kernel("9.9.9-test", root), cache=tmp_path / "cache",
+                                      wanted=("crc64_rocksoft", "9p", "nosuch"))
+    assert again.path == built.path  # cached: same inputs, same image
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames"],
+                   input=gzip.decompress(built.path.read_bytes()), cwd=out, check=True,
+                   timeout=30, capture_output=True)
+    assert (out / "init").read_bytes() == initramfs.INIT_SCRIPT.read_bytes()
+    assert (out / "modules" / "kernel" / "lib" / "crc64-rocksoft.ko").read_bytes() == b"ELF-r"
+    assert (out / "etc" / "vmlab" / "modules.list").read_text().split() == \
+        ["kernel/lib/crc64.ko", "kernel/lib/crc64-rocksoft.ko"]
+    assert (out / "etc" / "vmlab" / "modules.absent").read_text().split() == ["9p", "nosuch"]
+    assert (out / "etc" / "vmlab" / "modules.critical").read_text().split() == ["9p"]
+
+
+def test_stock_kernel_release_is_resolved_from_apt() -> None:
+    if shutil.which("apt-cache") is None:
+        pytest.skip("no apt-cache: not a Debian host")
+    assert re.fullmatch(r"\d+\.\d+\.\d+-\d+-amd64", resolve_release())
+
+
+def test_summary_line_and_problems() -> None:
+    log = ("tests/vm/guest/test_lab.py ....\n"
+           "======= 12 passed, 1 skipped in 80.12s (0:01:20) =======\n")
+    assert boot.parse_summary(log) == "12 passed, 1 skipped in 80.12s (0:01:20)"
+    assert boot.parse_summary("=== no tests ran in 0.50s ===") == "no tests ran in 0.50s"
+    assert boot.parse_summary("nothing here") is None
+
+    ok = boot.RunResult(Path("/nonexistent"), "r", qemu_returncode=1, status=0,
+                        summary="12 passed in 80.12s")
+    assert ok.problems() == []
+    empty = boot.RunResult(Path("/nonexistent"), "r", qemu_returncode=11, status=5,
+                           summary="no tests ran in 0.50s")
+    assert any("collected no tests" in p for p in empty.problems())
+    crashed = boot.RunResult(Path("/nonexistent"), "r", qemu_returncode=0)
+    assert any("no exit status" in p for p in crashed.problems())
+    skipped_only = boot.RunResult(Path("/nonexistent"), "r", status=0,
+                                  summary="3 skipped in 1.00s")
+    assert any("no passing test" in p for p in skipped_only.problems())
+
+
+def test_pytest_command_runs_the_guest_suite_unless_given_paths() -> None:
+    assert boot.pytest_command(["-k", "chap"])[3:] == \
+        ["tests/vm/guest", "--color=no", "-p", "no:cacheprovider", "-k", "chap"]
+    one = boot.pytest_command(["tests/vm/guest/test_lab.py"])
+    assert "tests/vm/guest" not in one and one[-1] == "tests/vm/guest/test_lab.py"
