@@ -227,3 +227,14 @@ def test_send_targets_answer_in_continued_text_pdus() -> None:
     assert not fake.errors, fake.errors
     assert [t.name for t in targets] == names
     assert all(t.portals == [Portal("127.0.0.1", 3260, 1)] for t in targets)
+
+
+def test_target_that_hangs_up_on_no_authentication_suggests_chap() -> None:
+    """LIO's answer to AuthMethod=None where it requires CHAP: it closes, no response."""
+    def script(peer: Peer) -> None:
+        peer.recv_login()  # and hang up
+
+    with FakeTarget(script) as target, \
+            pytest.raises(AuthenticationError, match="may require CHAP") as info:
+        login(Portal.parse(target.portal), config(), timeout=5)
+    assert info.value.exit_code == 4 and "closed the connection" in str(info.value)

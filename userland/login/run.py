@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from userland.connection import Connection
-from userland.errors import ProtocolError
+from userland.errors import AuthenticationError, LoginTimeout, NetworkError, ProtocolError
 from userland.login.machine import LoginConfig, LoginMachine, LoginResult, Redirected
 from userland.pdu import LoginResponse
 from userland.portal import Portal
@@ -64,11 +64,24 @@ def login_on(conn: Connection, config: LoginConfig, *,
         log.warning("%s", warning)
     request = machine.initial_request()
     seen = 0
+    answered = 0  # Login Responses so far
     while True:
         _log_transcript(machine, seen)
         seen = len(machine.transcript)
         conn.send(request, deadline=deadline)
-        pdu = conn.receive(deadline=deadline, waiting_for="a Login Response")
+        try:
+            pdu = conn.receive(deadline=deadline, waiting_for="a Login Response")
+        except LoginTimeout:
+            raise
+        except NetworkError as exc:
+            if answered == 0 and config.credentials is None:
+                # LIO closes without a Login Response when CHAP is required and we
+                # offered only AuthMethod=None: say what most likely went wrong.
+                raise AuthenticationError(
+                    f"{exc}; offered no authentication, the target may require CHAP "
+                    "(give --chap-user and a secret)") from None
+            raise
+        answered += 1
         if not isinstance(pdu, LoginResponse):
             raise ProtocolError(f"expected a Login Response, got {type(pdu).__name__}")
         try:
