@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import trio
 
 from iscsi_handoff import __version__
-from iscsi_handoff.fuse_path import FuseOptions, run_fuse
+from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.login_path import decide, prepare_mountpoint
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
@@ -96,6 +96,13 @@ discover_cmd.name = "discover"
               help="Log in, print the negotiated parameters, log out.")
 @click.option("--kernel", "force_kernel", is_flag=True,
               help="Insist on the kernel path (an error where iscsi_tcp is missing).")
+@click.option("--daemon", is_flag=True,
+              help="Kernel path: return once the disks are up; a background process keeps "
+                   "the session (end it with `iscsi-handoff logout`).")
+@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Kernel path: write the keeping process's pid here.")
+@click.option("--trace", is_flag=True,
+              help="Kernel path: watch the handoff with bcc and print the kernel's timeline.")
 @click.option("--header-digest", type=click.Choice(sorted(DIGEST_CHOICES)),
               default="prefer-none", show_default=True,
               help="CRC32C header digest: never, always, or either with a preference.")
@@ -104,9 +111,9 @@ discover_cmd.name = "discover"
 @fuse_options
 @auth_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (--check).")
-def login(portal: Portal, target_name: str, check: bool, force_kernel: bool,
-          header_digest: str, data_digest: str, as_json: bool, fuse: Path | None,
-          **kw: Any) -> None:
+def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, daemon: bool,
+          pidfile: Path | None, trace: bool, header_digest: str, data_digest: str,
+          as_json: bool, fuse: Path | None, **kw: Any) -> None:
     """Log in to a target and give its LUNs to this machine.
 
     \b
@@ -132,9 +139,11 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool,
           --mutual-user target1 --mutual-secret-file target1.secret
     """
     validate_name(target_name)
-    if check and (fuse is not None or force_kernel or kw["loop"]):
-        raise ConfigError("--check logs in and out again: it takes no --fuse, --loop or "
-                          "--kernel")
+    if check and (fuse is not None or force_kernel or kw["loop"] or daemon or trace):
+        raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
+                          "--kernel, --daemon or --trace")
+    if fuse is not None and (daemon or pidfile is not None or trace):
+        raise ConfigError("--daemon, --pidfile and --trace belong to the kernel path, not --fuse")
     # The fallback may be chosen below, so its options apply without --fuse too.
     data_opts = fuse_options_from(kw, fuse if fuse is not None else Path("."))
     assert data_opts is not None
@@ -148,15 +157,19 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool,
     if not check:
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
         if choice.path == "kernel":
-            run_kernel(portal, config, data_opts, as_json=as_json)
+            run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
+                       pidfile=pidfile, trace=trace)
             return
+        if daemon or pidfile is not None or trace:
+            raise PathUnavailable("--daemon, --pidfile and --trace need the kernel path, "
+                                  f"which is unavailable here: {choice.notice}")
         if choice.notice is not None:
             click.echo(f"iscsi-handoff: {choice.notice}", err=True)
         assert choice.mountpoint is not None
         data_opts.mountpoint = (choice.mountpoint if fuse is not None
                                 else prepare_mountpoint(choice.mountpoint))
         data_opts.loop = choice.loop
-        trio.run(run_fuse, [(portal, config)], data_opts)
+        run_fuse([(portal, config)], data_opts)
         return
     session = do_login(portal, config, timeout=auth.timeout)
     with session.connection:
@@ -169,16 +182,51 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool,
         click.echo("logged out")
 
 
-def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *,
-               as_json: bool) -> None:
+def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions) -> None:
+    """The FUSE fallback: imported only when taken (trio and pyfuse3 cost start-up time)."""
+    import trio
+
+    from iscsi_handoff import fuse_path
+
+    trio.run(fuse_path.run_fuse, logins, opts)
+
+
+def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_json: bool,
+               daemon: bool, pidfile: Path | None, trace: bool) -> None:
     """The kernel path: imported only when taken (it needs netlink, not FUSE)."""
+    from iscsi_handoff.kernel_path import run_kernel_login
+
+    def go(on_ready: Callable[[], None] | None = None) -> None:
+        run_kernel_login(portal, config, queue_depth=opts.queue_depth,
+                         replacement_timeout=opts.replacement_timeout,
+                         login_timeout=opts.login_timeout, as_json=as_json, daemon=daemon,
+                         pidfile=pidfile, on_ready=on_ready)
+
+    if not trace:
+        go()
+        return
+    if daemon:
+        raise ConfigError("--trace watches this process's handoff: it cannot go with --daemon")
+    from kernel_handoff.ebpf.observer import Observer, print_notes
+    from kernel_handoff.ebpf.timeline import print_timeline
+
+    observer = Observer()
+    observer.start()  # probes in place before the login starts
+    shown = False
+
+    def show() -> None:  # once the disks are up, or when the login failed
+        nonlocal shown
+        if shown:
+            return
+        shown = True
+        observer.stop()
+        print_notes(observer, sys.stderr)
+        print_timeline(observer.events(), sys.stderr)
+
     try:
-        from iscsi_handoff.kernel_path import run_kernel_login
-    except ImportError as exc:
-        raise PathUnavailable(f"the kernel path is not part of this build ({exc})") from None
-    run_kernel_login(portal, config, queue_depth=opts.queue_depth,
-                     replacement_timeout=opts.replacement_timeout,
-                     login_timeout=opts.login_timeout, as_json=as_json)
+        go(on_ready=show)
+    finally:
+        show()
 
 
 @cli.command(epilog=EPILOG)
@@ -212,7 +260,7 @@ def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
                                          credentials=auth.credentials, mutual=auth.mutual,
                                          chap_algorithms=auth.chap_algorithms))
               for t in targets]
-    trio.run(run_fuse, logins, opts)
+    run_fuse(logins, opts)
 
 
 @cli.command(epilog=EPILOG)
@@ -296,6 +344,7 @@ def _run_handled(exc: BaseException) -> None:
     _internal(exc)
 
 
-from iscsi_handoff import cli_kernel  # noqa: E402  (registers doctor, session)
+from iscsi_handoff import cli_kernel, cli_trace  # noqa: E402  (doctor, session, trace)
 
 cli_kernel.register(cli)
+cli_trace.register(cli)

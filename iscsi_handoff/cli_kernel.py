@@ -1,4 +1,5 @@
-"""`doctor` and `session list`: what this machine offers, and the kernel's iSCSI sessions.
+"""`doctor`, `session list` and `logout`: what this machine offers, the kernel's iSCSI
+sessions, and ending the ones we made.
 
 Registered on the main group by `register(cli)` at the end of iscsi_handoff/cli.py.
 """
@@ -14,6 +15,7 @@ import click
 from iscsi_handoff.output import table
 from iscsi_handoff.pathchoice import PathReport, probe_paths
 from kernel_handoff.sysfs import SessionInfo, kernel_iscsi_loaded, list_sessions
+from userland.errors import ConfigError
 
 SYSFS_ROOT_HELP = "Read sysfs from here instead of /sys (for tests)."
 
@@ -129,9 +131,59 @@ def human_size(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+@click.command()
+@click.option("--target", "target_name", metavar="IQN",
+              help="Log out every session to this target.")
+@click.option("--session", "sid", type=click.IntRange(0), metavar="N",
+              help="Log out session N (the SID column of `session list`).")
+@click.option("--all", "every", is_flag=True,
+              help="Log out every session iscsi-handoff made (never open-iscsi's).")
+@click.option("--force", is_flag=True,
+              help="Tear a session down even without our record of it.")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds to wait for each session's owner to log out.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--sysfs-root", default="/sys", hidden=True, help=SYSFS_ROOT_HELP)
+def logout(target_name: str | None, sid: int | None, every: bool, force: bool,
+           timeout: float, as_json: bool, sysfs_root: str) -> None:
+    """Log out kernel sessions made by `iscsi-handoff login`.
+
+    \b
+    The `login` process that owns a session is sent SIGTERM and logs out
+    itself (its disks go first); if that process is gone, the session is
+    logged out over NETLINK_ISCSI from here. Sessions made by open-iscsi
+    are left alone (--force overrides, for leftovers we lost track of).
+
+    \b
+    Examples:
+      iscsi-handoff logout --session 3
+      iscsi-handoff logout --target iqn.2024-01.com.example:disk1
+      iscsi-handoff logout --all
+    """
+    from iscsi_handoff.kernel_logout import logout as do_logout
+
+    if sum((target_name is not None, sid is not None, every)) != 1:
+        raise ConfigError("give exactly one of --target IQN, --session N or --all")
+    if not kernel_iscsi_loaded(sysfs_root):
+        results = []
+        if not every:
+            raise ConfigError("no iSCSI sessions: this kernel has no iSCSI support loaded")
+    else:
+        results = do_logout(target=target_name, sid=sid, every=every, force=force,
+                            timeout=timeout, sysfs_root=sysfs_root)
+    if as_json:
+        click.echo(json.dumps({"sessions": [asdict(r) for r in results]}, indent=2))
+        return
+    if not results:
+        click.echo("no sessions to log out")
+    for r in results:
+        click.echo(f"session {r.sid} ({r.target or '?'}): {r.detail}")
+
+
 def register(group: click.Group) -> None:
-    """Add `doctor` and `session` to the main CLI group, with its epilog."""
-    for command in (doctor, session, session_list):
+    """Add `doctor`, `session` and `logout` to the main CLI group, with its epilog."""
+    for command in (doctor, session, session_list, logout):
         command.epilog = group.epilog
     group.add_command(doctor)
     group.add_command(session)
+    group.add_command(logout)

@@ -20,6 +20,7 @@ from fallback_fuse import loop as loopdev
 from fallback_fuse.device import LunEntry, TargetEntry
 from fallback_fuse.mount import serve
 from fallback_fuse.tree import Tree, short_name
+from iscsi_handoff.datapath import FuseOptions
 from userland.errors import ConfigError, PathUnavailable
 from userland.login.machine import LoginConfig
 from userland.lun import DISK, Lun, report_luns
@@ -27,16 +28,6 @@ from userland.portal import Portal
 from userland.runner import SessionRunner
 
 log = logging.getLogger("iscsi_handoff.fuse")
-
-
-@dataclass
-class FuseOptions:
-    mountpoint: Path
-    loop: bool = False
-    allow_other: bool = False
-    queue_depth: int = 32
-    replacement_timeout: float = 120.0
-    login_timeout: float = 15.0
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from iscsi_handoff.fuse_path import FuseOptions
+from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.identity import initiator_name
 from iscsi_handoff.secrets import load_credentials
 from userland.errors import ConfigError

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kernel_handoff.ebpf.preflight import bcc_findable
 from kernel_handoff.sysfs import kernel_iscsi_loaded, transport_handle
 
 NETLINK_ISCSI = 8
@@ -68,8 +69,8 @@ def probe_paths(*, sysfs_root: str = "/sys", try_modprobe: bool = True) -> PathR
                          "and the LUNs become /dev/sdX")
     elif fuse_ok:
         chosen = "fuse"
-        chosen_reason = ("fuse: the kernel path is missing, so the userland session carries "
-                         "the data and each LUN is a file in a FUSE tree (login --fuse MOUNT)")
+        chosen_reason = ("fuse: the kernel path is missing, so login falls back to the userland "
+                         "session, each LUN a file in a FUSE tree, with a loop device")
     else:
         chosen = None
         chosen_reason = "none: neither the kernel path nor FUSE is available here"
@@ -233,9 +234,10 @@ def _kallsyms(*symbols: str) -> set[str]:
 
 def probe_bcc(*, sysfs_root: str = "/sys") -> tuple[bool, str]:
     problems = []
-    ok, detail = _importable("bcc")
-    if not ok:
-        problems.append("bcc not importable (Debian package python3-bpfcc)")
+    # Debian installs bcc for the system python3 only; the observer loads it from there.
+    detail = ""
+    if not bcc_findable():
+        problems.append("bcc not found (Debian package python3-bpfcc)")
     build = Path("/lib/modules") / os.uname().release / "build"
     if not build.exists():
         problems.append(f"no kernel headers at {build}")
