@@ -9,7 +9,7 @@ skips, saying so.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in item.path.parents:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Print a measured figure past pytest's capture, so the host's log (CI's) shows it."""
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+
+    def show(text: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"figure: {text}")
+
+    return show
 
 
 @pytest.fixture(scope="session")

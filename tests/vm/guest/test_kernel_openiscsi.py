@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from iscsi_handoff.tgtlab import LunSpec, Tgt
@@ -28,7 +29,8 @@ def _their_disk(ours: set[int]) -> tuple[int, str] | None:
     return None
 
 
-def test_side_by_side_with_open_iscsi(tgt: Tgt, iscsid: Iscsid) -> None:
+def test_side_by_side_with_open_iscsi(tgt: Tgt, iscsid: Iscsid,
+                                      figure: Callable[[str], None]) -> None:
     tgt.add_target(IQN, luns=[LunSpec(size=LUN_SIZE)])
     with KernelLogin(tgt.portal, IQN) as run:
         (ours,) = run.disks
@@ -65,7 +67,7 @@ def test_side_by_side_with_open_iscsi(tgt: Tgt, iscsid: Iscsid) -> None:
         assert ours.sid in sessions_in_sysfs()
         assert run.stop() == 0, run.output()
     ms = int(inside.rsplit(";", 1)[1].split()[0])
-    print(f"\ntime to /dev/sdX under TCG emulation: iscsi-handoff {ms / 1000:.2f} s from "
+    figure(f"time to /dev/sdX under TCG emulation: iscsi-handoff {ms / 1000:.2f} s from "
           f"connect to disk ({inside.split(': ', 1)[1]}), {ours_ready:.2f} s with the "
           f"Python process start; iscsiadm {theirs_ready:.2f} s (a running iscsid logs "
           "in and scans)")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from iscsi_handoff.tgtlab import LunSpec, Tgt
@@ -66,7 +67,7 @@ def _cut(port: int) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_connection_reset_relogin_and_io_goes_on(tgt: Tgt) -> None:
+def test_connection_reset_relogin_and_io_goes_on(tgt: Tgt, figure: Callable[[str], None]) -> None:
     iqn = "iqn.2024-01.test.vmlab:recovery-reset"
     target = tgt.add_target(iqn, luns=[LunSpec(size=LUN_SIZE)])
     port = int(tgt.portal.rsplit(":", 1)[1])
@@ -86,12 +87,12 @@ def test_connection_reset_relogin_and_io_goes_on(tgt: Tgt) -> None:
         writer.verify(target.lun_paths[0])
         assert _session_state(disk.sid) == "LOGGED_IN"
         assert Path(disk.dev).exists()
-        print(f"\nrecovery after ss -K: {line.strip()}; slowest 1 MiB write during it "
+        figure(f"recovery after ss -K: {line.strip()}; slowest 1 MiB write during it "
               f"{writer.slowest:.2f} s")
         assert run.stop() == 0, run.output()
 
 
-def test_tgtd_restart_relogin_and_io_goes_on(tgt: Tgt) -> None:
+def test_tgtd_restart_relogin_and_io_goes_on(tgt: Tgt, figure: Callable[[str], None]) -> None:
     iqn = "iqn.2024-01.test.vmlab:recovery-restart"
     target = tgt.add_target(iqn, luns=[LunSpec(size=LUN_SIZE)])
     with KernelLogin(tgt.portal, iqn) as run:
@@ -107,5 +108,5 @@ def test_tgtd_restart_relogin_and_io_goes_on(tgt: Tgt) -> None:
         assert not writer.is_alive()
         writer.verify(target.lun_paths[0])
         assert _session_state(disk.sid) == "LOGGED_IN"
-        print(f"\nrecovery after a tgtd restart: {line.strip()}")
+        figure(f"recovery after a tgtd restart: {line.strip()}")
         assert run.stop() == 0, run.output()

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def test_logout_when_the_owner_is_gone(tgt: Tgt) -> None:
     assert disk.sid not in sessions_in_sysfs()
 
 
-def test_daemon_and_pidfile(tgt: Tgt, tmp_path: Path) -> None:
+def test_daemon_and_pidfile(tgt: Tgt, tmp_path: Path, figure: Callable[[str], None]) -> None:
     target = tgt.add_target("iqn.2024-01.test.vmlab:daemon", luns=[LunSpec(32 << 20)])
     pidfile = tmp_path / "login.pid"
     began = time.monotonic()
@@ -100,7 +101,7 @@ def test_daemon_and_pidfile(tgt: Tgt, tmp_path: Path) -> None:
     assert "serving" in done.stdout and "/dev/sd" in done.stdout
     pid = int(pidfile.read_text())
     assert pid != os.getpid() and Path(f"/proc/{pid}").exists()
-    print(f"\n--daemon returned after {time.monotonic() - began:.2f} s, daemon pid {pid}")
+    figure(f"--daemon returned after {time.monotonic() - began:.2f} s, daemon pid {pid}")
     sid = int(re.search(r"session (\d+) on host", done.stdout).group(1))  # type: ignore[union-attr]
     os.kill(pid, 15)
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or

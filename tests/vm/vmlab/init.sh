@@ -105,7 +105,21 @@ stage2() {
     $BB mkdir -p /dev/pts /dev/shm /run/lock
     $BB mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
     $BB mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
-    $BB mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+    case "$VMLAB_REPO/" in
+    /tmp/*)
+        # The checkout lives under /tmp (a CI clone may): keep it in sight under the
+        # guest's own /tmp, read-only as the rest of the host.
+        $BB mkdir -p "$V/hosttmp"
+        $BB mount --bind /tmp "$V/hosttmp" || fail "cannot keep the host's /tmp in sight"
+        $BB mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+        $BB mkdir -p "$VMLAB_REPO"
+        $BB mount --bind "$V/hosttmp${VMLAB_REPO#/tmp}" "$VMLAB_REPO" \
+            || fail "cannot bind the checkout $VMLAB_REPO under the guest's /tmp"
+        ;;
+    *)
+        $BB mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+        ;;
+    esac
     $BB mount -t debugfs debugfs /sys/kernel/debug
     $BB mount -t tracefs tracefs /sys/kernel/tracing
     $BB mount -t bpf bpf /sys/fs/bpf
