@@ -34,13 +34,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+def figure(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
     """Print a measured figure past pytest's capture, so the host's log (CI's) shows it."""
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
 
     def show(text: str) -> None:
-        if reporter is not None:
-            reporter.write_line(f"figure: {text}")
+        with capsys.disabled():
+            print(f"\nfigure: {text}", flush=True)
 
     return show
 
