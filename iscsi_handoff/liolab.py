@@ -26,7 +26,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from iscsi_handoff.labparts import free_port, libiscsi_url, new_sparse_file, shm_dir
 from userland.errors import EXIT_UNAVAILABLE, IscsiError
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-rtslib-fb is importable
@@ -233,8 +233,7 @@ class Lio:
         if self._workdir is not None:
             return self._workdir
         if self._rundir is None:
-            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            self._rundir = Path(tempfile.mkdtemp(prefix="liolab-", dir=shm))
+            self._rundir = Path(tempfile.mkdtemp(prefix="liolab-", dir=shm_dir()))
         return self._rundir
 
     @property
@@ -243,16 +242,9 @@ class Lio:
         return f"{host}:{self.port}"
 
     def url(self, target: Target | str, lun: int | None = 0) -> str:
-        """A libiscsi URL for a LUN of the target, with its CHAP credentials if any.
-
-        libiscsi splits user and secret at `%`: neither may contain `%`, `@` or `/`.
-        """
+        """A libiscsi URL for a LUN of the target, with its CHAP credentials if any."""
         t = target if isinstance(target, Target) else self._target_by_iqn(target)
-        creds = f"{t.chap[0]}%{t.chap[1]}@" if t.chap else ""
-        url = f"iscsi://{creds}{self.portal}/{t.iqn}/{'' if lun is None else lun}"
-        if t.mutual:
-            url += f"?target_user={t.mutual[0]}&target_password={t.mutual[1]}"
-        return url
+        return libiscsi_url(self.portal, t.iqn, lun, t.chap, t.mutual)
 
     # -- lifecycle
 
@@ -264,7 +256,7 @@ class Lio:
         if why:
             raise LioError(why)
         if self._fixed_port is None:
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
         self._started = True
         if not self._atexit_registered:
             atexit.register(self._atexit)
@@ -354,7 +346,7 @@ class Lio:
                          and not self.targets and attempt + 1 < PORT_ATTEMPTS)
                 if not retry:
                     raise
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
 
     def create_request(self, target: Target) -> dict[str, Any]:
         """The worker's `create` request (secrets included: it goes down a pipe)."""
@@ -394,12 +386,8 @@ class Lio:
                            "multiple of 512")
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / f"liolab-{os.getpid()}-l{lun}-{os.urandom(4).hex()}.img"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        new_sparse_file(path, spec.size)
         self._created.add(path)
-        try:
-            os.ftruncate(fd, spec.size)  # sparse
-        finally:
-            os.close(fd)
         return path
 
     def _target_by_iqn(self, iqn: str) -> Target:
@@ -409,8 +397,3 @@ class Lio:
         raise LioError(f"no target {iqn} made by this Lio")
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel_handoff.ebpf.preflight import bcc_findable
+from kernel_handoff.ebpf.preflight import Machine, bcc_findable, kallsyms_has
 from kernel_handoff.sysfs import kernel_iscsi_loaded, transport_handle
 
 NETLINK_ISCSI = 8
@@ -218,31 +218,16 @@ def probe_loop() -> tuple[bool, str]:
     return True, f"losetup at {losetup}, /dev/loop-control present"
 
 
-def _kallsyms(*symbols: str) -> set[str]:
-    """Which of these symbols /proc/kallsyms lists (names show even without root)."""
-    wanted, found = set(symbols), set()
-    try:
-        with open("/proc/kallsyms", encoding="ascii", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] in wanted:
-                    found.add(parts[2])
-    except OSError:
-        pass
-    return found
-
-
 def probe_bcc(*, sysfs_root: str = "/sys") -> tuple[bool, str]:
     problems = []
     # Debian installs bcc for the system python3 only; the observer loads it from there.
-    detail = ""
     if not bcc_findable():
         problems.append("bcc not found (Debian package python3-bpfcc)")
     build = Path("/lib/modules") / os.uname().release / "build"
     if not build.exists():
         problems.append(f"no kernel headers at {build}")
     sys_ = Path(sysfs_root)
-    symbols = _kallsyms("register_kprobe", "iscsi_if_rx")
+    symbols = kallsyms_has(Machine(), ("register_kprobe", "iscsi_if_rx"))
     kprobes = "register_kprobe" in symbols or any(p.exists() for p in (
         sys_ / "bus" / "event_source" / "devices" / "kprobe",
         sys_ / "kernel" / "tracing" / "kprobe_events",
@@ -254,5 +239,4 @@ def probe_bcc(*, sysfs_root: str = "/sys") -> tuple[bool, str]:
         problems.append("iscsi_if_rx not in /proc/kallsyms (scsi_transport_iscsi not loaded)")
     if problems:
         return False, "; ".join(problems)
-    version = f" {detail}" if detail else ""
-    return True, f"bcc{version}, headers at {build}, iscsi_if_rx can be kprobed"
+    return True, f"bcc, headers at {build}, iscsi_if_rx can be kprobed"

@@ -23,7 +23,6 @@ import contextlib
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from iscsi_handoff.labparts import free_port, libiscsi_url, new_sparse_file, shm_dir
 from userland.errors import EXIT_UNAVAILABLE, IscsiError
 
 TGTADM_TIMEOUT = 15.0  # one tgtadm call (each takes 2-3 ms when tgtd is healthy)
@@ -123,7 +123,7 @@ class Tgt:
 
     def _own_dir(self) -> Path:
         if self._rundir is None:
-            self._rundir = Path(tempfile.mkdtemp(prefix="tgtlab-", dir=_shm()))
+            self._rundir = Path(tempfile.mkdtemp(prefix="tgtlab-", dir=shm_dir()))
         return self._rundir
 
     # -- addresses
@@ -134,16 +134,9 @@ class Tgt:
         return f"{host}:{self.port}"
 
     def url(self, target: Target | str, lun: int | None = 1) -> str:
-        """A libiscsi URL for a LUN of the target, with its CHAP credentials if any.
-
-        libiscsi splits user and secret at `%`: neither may contain `%`, `@` or `/`.
-        """
+        """A libiscsi URL for a LUN of the target, with its CHAP credentials if any."""
         t = target if isinstance(target, Target) else self._target_by_iqn(target)
-        creds = f"{t.chap[0]}%{t.chap[1]}@" if t.chap else ""
-        url = f"iscsi://{creds}{self.portal}/{t.iqn}/{'' if lun is None else lun}"
-        if t.mutual:
-            url += f"?target_user={t.mutual[0]}&target_password={t.mutual[1]}"
-        return url
+        return libiscsi_url(self.portal, t.iqn, lun, t.chap, t.mutual)
 
     # -- lifecycle
 
@@ -174,7 +167,7 @@ class Tgt:
     def _start(self, *, keep_port: bool) -> None:
         for attempt in range(START_ATTEMPTS):
             if self._fixed_port is None and not keep_port:
-                self.port = _free_port(self.host)
+                self.port = free_port(self.host)
             if self._fixed_control is None and not (keep_port and attempt == 0
                                                     and _control_free(self.control)):
                 self.control = _pick_control()
@@ -440,12 +433,8 @@ class Tgt:
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / (f"tgtlab-{os.getpid()}-C{self.control}-t{tid}-l{lun}-"
                                f"{os.urandom(3).hex()}.img")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        new_sparse_file(path, spec.size)
         self._created.add(path)
-        try:
-            os.ftruncate(fd, spec.size)  # sparse
-        finally:
-            os.close(fd)
         return path
 
     def _account(self, tid: int, user: str, password: str, *, outgoing: bool) -> None:
@@ -496,20 +485,11 @@ class Tgt:
 # -- helpers (module level: no state)
 
 
-def _shm() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
 def _redacted(args: Sequence[str]) -> str:
     return " ".join("***" if prev == "--password" else a
                     for prev, a in zip(["", *args], args, strict=False))
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _pick_control() -> int:
