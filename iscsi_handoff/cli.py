@@ -98,7 +98,12 @@ discover_cmd.name = "discover"
               help="Insist on the kernel path (an error where iscsi_tcp is missing).")
 @click.option("--daemon", is_flag=True,
               help="Kernel path: return once the disks are up; a background process keeps "
-                   "the session (end it with `iscsi-handoff logout`).")
+                   "the session (end it with `iscsi-handoff logout`; SIGTERM to it leaves "
+                   "the session for the next keeper).")
+@click.option("--service", is_flag=True,
+              help="Kernel path, for a service manager (the systemd unit): stay in the "
+                   "foreground, send READY=1 once the disks exist, and on SIGTERM leave "
+                   "the session for the next keeper instead of logging out.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Kernel path: write the keeping process's pid here.")
 @click.option("--trace", is_flag=True,
@@ -112,7 +117,7 @@ discover_cmd.name = "discover"
 @auth_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (--check).")
 def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, daemon: bool,
-          pidfile: Path | None, trace: bool, header_digest: str, data_digest: str,
+          service: bool, pidfile: Path | None, trace: bool, header_digest: str, data_digest: str,
           as_json: bool, fuse: Path | None, **kw: Any) -> None:
     """Log in to a target and give its LUNs to this machine.
 
@@ -139,11 +144,15 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
           --mutual-user target1 --mutual-secret-file target1.secret
     """
     validate_name(target_name)
-    if check and (fuse is not None or force_kernel or kw["loop"] or daemon or trace):
+    if check and (fuse is not None or force_kernel or kw["loop"] or daemon or service
+                  or trace):
         raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
-                          "--kernel, --daemon or --trace")
-    if fuse is not None and (daemon or pidfile is not None or trace):
-        raise ConfigError("--daemon, --pidfile and --trace belong to the kernel path, not --fuse")
+                          "--kernel, --daemon, --service or --trace")
+    if fuse is not None and (daemon or service or pidfile is not None or trace):
+        raise ConfigError("--daemon, --service, --pidfile and --trace belong to the kernel "
+                          "path, not --fuse")
+    if daemon and service:
+        raise ConfigError("--daemon forks, --service stays in the foreground: pick one")
     # The fallback may be chosen below, so its options apply without --fuse too.
     data_opts = fuse_options_from(kw, fuse if fuse is not None else Path("."))
     assert data_opts is not None
@@ -158,10 +167,11 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
         if choice.path == "kernel":
             run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
-                       pidfile=pidfile, trace=trace)
+                       service=service, pidfile=pidfile, trace=trace)
             return
-        if daemon or pidfile is not None or trace:
-            raise PathUnavailable("--daemon, --pidfile and --trace need the kernel path, "
+        if daemon or service or pidfile is not None or trace:
+            raise PathUnavailable("--daemon, --service, --pidfile and --trace need the "
+                                  "kernel path, "
                                   f"which is unavailable here: {choice.notice}")
         if choice.notice is not None:
             click.echo(f"iscsi-handoff: {choice.notice}", err=True)
@@ -192,7 +202,7 @@ def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions) -> Non
 
 
 def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_json: bool,
-               daemon: bool, pidfile: Path | None, trace: bool) -> None:
+               daemon: bool, pidfile: Path | None, trace: bool, service: bool = False) -> None:
     """The kernel path: imported only when taken (it needs netlink, not FUSE)."""
     from iscsi_handoff.kernel_path import run_kernel_login
 
@@ -200,7 +210,7 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
         run_kernel_login(portal, config, queue_depth=opts.queue_depth,
                          replacement_timeout=opts.replacement_timeout,
                          login_timeout=opts.login_timeout, as_json=as_json, daemon=daemon,
-                         pidfile=pidfile, on_ready=on_ready)
+                         service=service, pidfile=pidfile, on_ready=on_ready)
 
     if not trace:
         go()

@@ -1,9 +1,10 @@
 """`logout`: end kernel sessions that a `login` of ours made, from any process.
 
 A session's owner (the `login` process still answering its connection errors) is told
-with SIGTERM and logs out itself; we wait until the session leaves sysfs. When the
-owner is gone, we tear the session down over NETLINK_ISCSI ourselves. Sessions without
-a record are not ours (open-iscsi's, say): left alone unless --force.
+with SIGUSR1 and logs out itself (SIGTERM would only make a service keeper leave); we
+wait until the session leaves sysfs. When the owner is gone, we tear the session down
+over NETLINK_ISCSI ourselves. Sessions without a record are not ours (open-iscsi's,
+say): left alone unless --force.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def logout_one(info: SessionInfo, *, timeout: float, force: bool, explicit: bool
         return LogoutResult(info.sid, info.target_name, "netlink", "torn down (--force)")
     if record.owner_alive():
         try:
-            os.kill(record.pid, signal.SIGTERM)
+            os.kill(record.pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
         else:

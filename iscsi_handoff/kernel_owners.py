@@ -5,7 +5,9 @@ A `login` on the kernel path stays running to answer connection errors; `logout`
 process) finds the owner of a session here and signals it, or, when the owner is gone,
 tears the session down itself. A session without a record is not ours (open-iscsi's,
 say) and is left alone. Records carry the owner's pid and its start time from
-/proc/<pid>/stat, so a recycled pid is not mistaken for the owner.
+/proc/<pid>/stat, so a recycled pid is not mistaken for the owner, and the boot id:
+session ids start again at 1 at each boot (and module load), so a record of another
+boot never names a session of this one (kernel_adopt.py checks sysfs as well).
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from pathlib import Path
 
 from iscsi_handoff.identity import state_dir
 from userland.errors import ConfigError, IscsiError
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
 
 
 def sessions_dir() -> Path:
@@ -51,6 +62,10 @@ class SessionRecord:
     pid: int
     pid_start: int | None
     devices: tuple[str, ...] = ()
+    boot_id: str = ""
+    login_portal: str = ""  # the portal login was asked for (resolved), before redirects
+    tsih: int = 0
+    initial_cmdsn: int | None = None  # the kernel's CmdSN is this + its scsicmd_pdus
 
     def owner_alive(self) -> bool:
         start = process_start_time(self.pid)
@@ -91,11 +106,28 @@ def remove_record(sid: int, *, pid: int | None = None) -> None:
 
 
 def own_record(sid: int, host_no: int, target: str, portal: str, isid: bytes,
-               devices: list[str]) -> SessionRecord:
+               devices: list[str], *, login_portal: str = "", tsih: int = 0,
+               initial_cmdsn: int | None = None) -> SessionRecord:
     pid = os.getpid()
     return SessionRecord(sid=sid, host_no=host_no, target=target, portal=portal,
                          isid=isid.hex(), pid=pid, pid_start=process_start_time(pid),
-                         devices=tuple(devices))
+                         devices=tuple(devices), boot_id=boot_id(),
+                         login_portal=login_portal, tsih=tsih, initial_cmdsn=initial_cmdsn)
+
+
+def all_records() -> list[SessionRecord]:
+    try:
+        names = sorted(os.listdir(sessions_dir()))
+    except OSError:
+        return []
+    records = []
+    for name in names:
+        stem, _, ext = name.partition(".")
+        if ext == "json" and stem.isdigit():
+            record = read_record(int(stem))
+            if record is not None:
+                records.append(record)
+    return records
 
 
 # --- pidfile --------------------------------------------------------------------------

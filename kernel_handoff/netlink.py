@@ -106,9 +106,10 @@ def open_error(exc: OSError) -> KernelUnavailable | KernelIscsiError:
 
 
 def bound_socket(port_id: int, groups: int) -> socket.socket:
-    """A raw NETLINK_ISCSI socket bound to ``port_id`` (pyroute2 0.9's ``bind(pid=N)``
-    leaves the socket unbound, so we bind it ourselves)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ISCSI)
+    """A NETLINK_ISCSI socket bound to ``port_id`` (pyroute2 0.9's ``bind(pid=N)``
+    leaves the socket unbound, so we bind it ourselves). SOCK_DGRAM, as pyroute2 makes
+    them (netlink treats it as SOCK_RAW; asyncio's datagram endpoint insists on it)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ISCSI)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.bind((port_id, groups))
@@ -177,6 +178,11 @@ class IscsiNetlink:
         """
         for signum in signums:
             self._loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def on_signal(self, signum: int, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when ``signum`` comes, during any wait here, without ending
+        it (SIGHUP: a keeper lets go of its terminal and goes on keeping)."""
+        self._loop.add_signal_handler(signum, callback)
 
     def _on_signal(self, signum: int) -> None:
         self.stop_signal = signum

@@ -5,6 +5,7 @@ guest (tests/vm/guest/test_kernel_*.py); the host has no NETLINK_ISCSI."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -134,12 +135,12 @@ def test_logout_signals_a_live_owner(tmp_path: Path) -> None:
         owners.write_record(record)
         (tmp_path / "class" / "iscsi_session" / "session6").mkdir(parents=True)
         torn: list[int] = []
-        # The owner dies of SIGTERM without logging out (it is only `sleep`): the
+        # The owner dies of SIGUSR1 without logging out (it is only `sleep`): the
         # session is still there, so logout takes it down itself.
         result = logout_one(_info(6), timeout=10, force=False, explicit=True,
                             sysfs_root=str(tmp_path),
                             teardown=lambda sid, **kw: torn.append(sid))
-        assert owner.wait(timeout=10) == -15
+        assert owner.wait(timeout=10) == -signal.SIGUSR1
         assert result.how == "netlink" and torn == [6] and owners.read_record(6) is None
     finally:
         owner.kill()
