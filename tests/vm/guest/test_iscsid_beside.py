@@ -23,7 +23,7 @@ import pytest
 from iscsi_handoff.tgtlab import LunSpec, Tgt
 
 from .kernel_login import KernelLogin, drop_caches, sessions_in_sysfs
-from .openiscsi import Iscsid, read_direct, wait_for, write_direct
+from .openiscsi import Iscsid, read_direct, write_direct
 
 LUN_SIZE = 32 << 20
 USER, SECRET = "beside", "beside-secret-0123"
