@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from iscsi_handoff.output import table
-from iscsi_handoff.pathchoice import PathReport, probe_paths
+from iscsi_handoff.pathchoice import PathReport, probe_iscsid, probe_paths
 from kernel_handoff.sysfs import SessionInfo, kernel_iscsi_loaded, list_sessions
 from userland.errors import ConfigError
 
@@ -33,18 +33,31 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
     fuse    /dev/fuse, pyfuse3, fusermount3 or root: the userland session carries data
     loop    losetup and /dev/loop-control: what --loop needs
     bcc     bcc, kernel headers, kprobes: the optional observer
-    Exits 0 whatever it finds: it is a diagnosis.
+    Then whether open-iscsi's iscsid runs or is enabled, and each session
+    record of ours: kept (by which pid), without a keeper (the next login
+    of its target adopts it), or stale (another boot, or sysfs disagrees:
+    never used). Exits 0 whatever it finds: it is a diagnosis.
 
     \b
     Examples:
       iscsi-handoff doctor
       iscsi-handoff doctor --json | jq -r .chosen
     """
+    from iscsi_handoff.kernel_adopt import record_states
+
     report = probe_paths(sysfs_root=sysfs_root, try_modprobe=not no_modprobe)
+    iscsid = probe_iscsid()
+    records = record_states(sysfs_root=sysfs_root)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        data = report.to_json()
+        data["iscsid"] = iscsid.to_json()
+        data["sessions"] = [asdict(r) for r in records]
+        click.echo(json.dumps(data, indent=2))
     else:
         print_report(report)
+        click.echo(iscsid.line())
+        for record in records:
+            click.echo(record.line())
 
 
 def print_report(report: PathReport) -> None:

@@ -46,7 +46,7 @@ def distrust(record: owners.SessionRecord, info: SessionInfo | None,
     if info.target_name != record.target:
         return (f"session {record.sid} in sysfs is to {info.target_name}, not "
                 f"{record.target}")
-    if info.portal != record.portal:
+    if info.portal is not None and info.portal != record.portal:  # None: no connection
         return f"session {record.sid} in sysfs is at {info.portal}, not {record.portal}"
     return None
 
@@ -113,3 +113,39 @@ def connection_up(info: SessionInfo) -> bool:
     if (info.state or "").upper() != "LOGGED_IN":
         return False
     return all((c.state or "up").lower() in ("up", "") for c in info.connections)
+
+
+@dataclass(frozen=True)
+class RecordState:
+    """What `doctor` says of one record: kept, orphan (adoptable) or stale."""
+
+    sid: int
+    target: str
+    state: str  # "kept", "orphan", "stale"
+    detail: str
+
+    def line(self) -> str:
+        if self.state == "kept":
+            return f"session {self.sid} ({self.target}): {self.detail}"
+        if self.state == "orphan":
+            return (f"session {self.sid} ({self.target}): {self.detail}; `iscsi-handoff "
+                    f"login` of that target adopts it, `iscsi-handoff logout --session "
+                    f"{self.sid}` ends it")
+        return (f"stale record of session {self.sid} ({self.target}): {self.detail}; "
+                f"never used (remove {owners.sessions_dir() / f'{self.sid}.json'})")
+
+
+def record_states(*, sysfs_root: SysfsRoot = "/sys") -> list[RecordState]:
+    boot = owners.boot_id()
+    states = []
+    for record in owners.all_records():
+        why = distrust(record, get_session(sysfs_root, record.sid), boot)
+        if why is not None:
+            states.append(RecordState(record.sid, record.target, "stale", why))
+        elif record.owner_alive():
+            states.append(RecordState(record.sid, record.target, "kept",
+                                      f"kept by pid {record.pid}"))
+        else:
+            states.append(RecordState(record.sid, record.target, "orphan",
+                                      f"no keeper (pid {record.pid} is gone)"))
+    return states

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from iscsi_handoff import kernel_owners as owners
+from iscsi_handoff.kernel_adopt import distrust
 from kernel_handoff.sysfs import SessionInfo, get_session, list_sessions
 from kernel_handoff.teardown import teardown_sid
 from userland.errors import ConfigError, IscsiError
@@ -52,6 +53,8 @@ def logout_one(info: SessionInfo, *, timeout: float, force: bool, explicit: bool
                sysfs_root: str = "/sys",
                teardown: Callable[..., object] = teardown_sid) -> LogoutResult:
     record = owners.read_record(info.sid)
+    if record is not None and distrust(record, info, owners.boot_id()) is not None:
+        record = None  # another boot's, or another session's now: never ours to end
     if record is None:
         if not force:
             if explicit:
