@@ -124,9 +124,12 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
     \b
     By default the kernel path: log in here, hand the connection to the
     kernel's iscsi_tcp, print each LUN's /dev/sdX, then stay to answer
-    connection errors until Ctrl-C or SIGTERM (which log out). Where the
-    kernel has no iSCSI, the FUSE fallback instead, with a loop device, and
-    one line saying why (`iscsi-handoff doctor` tells which path you get).
+    connection errors until Ctrl-C or SIGTERM (which log out; SIGHUP leaves
+    it keeping the session in the background). A session of ours to the
+    same target whose keeper is gone is adopted, not logged in twice; one
+    whose keeper lives is reported (exit 2). Where the kernel has no iSCSI,
+    the FUSE fallback instead, with a loop device, and one line saying why
+    (`iscsi-handoff doctor` tells which path you get).
     With --check: log in to full feature phase, show every negotiated
     parameter and which side chose it, log out, exit 0.
     With --fuse MOUNT: the userland session carries the data and each disk
