@@ -19,13 +19,9 @@ from dataclasses import dataclass
 from iscsi_handoff import kernel_owners as owners
 from kernel_handoff.handoff import KernelSession
 from kernel_handoff.sysfs import SessionInfo, SysfsRoot, get_session
-from userland.errors import ConfigError
+from userland.errors import ConfigError, SessionExists
 from userland.keys import Negotiator
 from userland.portal import Portal
-
-
-class SessionExists(ConfigError):
-    """The target already has a session of ours, and its keeper is alive."""
 
 
 @dataclass(frozen=True)
@@ -51,20 +47,22 @@ def distrust(record: owners.SessionRecord, info: SessionInfo | None,
     return None
 
 
-def _matches(record: owners.SessionRecord, target: str, portal: Portal) -> bool:
-    return record.target == target and portal.address() in (record.login_portal,
-                                                             record.portal)
+def _matches(record: owners.SessionRecord, target: str, portals: set[str]) -> bool:
+    return record.target == target and bool(portals & {record.login_portal, record.portal})
 
 
-def find(target: str, portal: Portal, *, sysfs_root: SysfsRoot = "/sys") -> Orphan | None:
-    """Our live session to ``target`` at ``portal`` that nobody keeps, if any.
+def find(target: str, portals: tuple[Portal, ...], *,
+         sysfs_root: SysfsRoot = "/sys") -> Orphan | None:
+    """Our live session to ``target`` at one of ``portals`` (as named, as resolved) that
+    nobody keeps, if any.
 
     SessionExists if its keeper is alive (a second `login` must not make a second
     session); untrusted records are skipped.
     """
     boot = owners.boot_id()
+    wanted = {p.address() for p in portals}
     for record in owners.all_records():
-        if not _matches(record, target, portal):
+        if not _matches(record, target, wanted):
             continue
         info = get_session(sysfs_root, record.sid)
         if distrust(record, info, boot) is not None:
@@ -72,7 +70,7 @@ def find(target: str, portal: Portal, *, sysfs_root: SysfsRoot = "/sys") -> Orph
         assert info is not None
         if record.owner_alive() and record.pid != os.getpid():
             raise SessionExists(
-                f"{target} at {portal.address()} already has session {record.sid}, kept "
+                f"{target} at {record.login_portal} already has session {record.sid}, kept "
                 f"by pid {record.pid} (`iscsi-handoff logout --session {record.sid}` "
                 "ends it)")
         return Orphan(record, info)

@@ -1,55 +1,55 @@
-"""Which process owns which kernel session: records in the state directory, pidfiles,
+"""Which process owns which kernel session: its record in the registry, pidfiles,
 and `--daemon`'s detach.
 
 A `login` on the kernel path stays running to answer connection errors; `logout` (any
 process) finds the owner of a session here and signals it, or, when the owner is gone,
 tears the session down itself. A session without a record is not ours (open-iscsi's,
 say) and is left alone. Records carry the owner's pid and its start time from
-/proc/<pid>/stat, so a recycled pid is not mistaken for the owner, and the boot id:
-session ids start again at 1 at each boot (and module load), so a record of another
-boot never names a session of this one (kernel_adopt.py checks sysfs as well).
+/proc/<pid>/stat, so a recycled pid is not mistaken for the owner.
+
+The records themselves are the registry's (iscsi_handoff/registry.py, `kernel-<sid>`):
+``SessionRecord`` is the kernel path's view of one, kept for its callers. It holds what
+a keeper needs to adopt a session nobody keeps (kernel_adopt.py): the ISID and TSIH, the
+CmdSN the kernel started from (in the registry's details), the initiator name, the
+portal as named and as connected, and the boot id (session ids restart at each boot).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from iscsi_handoff.identity import state_dir
+from iscsi_handoff import registry, sysstate
+from iscsi_handoff.sysstate import process_start_time
 from userland.errors import ConfigError, IscsiError
 
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-
-
-def boot_id() -> str:
-    try:
-        return BOOT_ID.read_text().strip()
-    except OSError:
-        return ""
+__all__ = [
+    "Detached",
+    "SessionRecord",
+    "all_records",
+    "boot_id",
+    "detach",
+    "own_record",
+    "process_start_time",
+    "read_record",
+    "remove_pidfile",
+    "remove_record",
+    "sessions_dir",
+    "write_pidfile",
+    "write_record",
+]
 
 
 def sessions_dir() -> Path:
-    return state_dir() / "sessions"
+    return registry.sessions_dir()
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (clock ticks since boot); None if no live process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after it.
-    rest = stat[stat.rfind(")") + 2:].split()
-    if rest and rest[0] in ("Z", "X"):  # exited, not yet reaped: no owner any more
-        return None
-    try:
-        return int(rest[19])
-    except (IndexError, ValueError):
-        return None
+def boot_id() -> str:
+    return sysstate.boot_id() or ""
 
 
 @dataclass(frozen=True)
@@ -57,77 +57,87 @@ class SessionRecord:
     sid: int
     host_no: int
     target: str
-    portal: str
+    portal: str  # the connected address:port
     isid: str
     pid: int
     pid_start: int | None
     devices: tuple[str, ...] = ()
     boot_id: str = ""
-    login_portal: str = ""  # the portal login was asked for (resolved), before redirects
+    login_portal: str = ""  # the portal as the user named it (host:port)
     tsih: int = 0
     initial_cmdsn: int | None = None  # the kernel's CmdSN is this + its scsicmd_pdus
+    initiator_name: str = ""
 
     def owner_alive(self) -> bool:
         start = process_start_time(self.pid)
         return start is not None and (self.pid_start is None or start == self.pid_start)
 
 
-def write_record(record: SessionRecord) -> Path:
-    folder = sessions_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = folder / f"{record.sid}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot record session {record.sid} in {folder}: "
-                          f"{exc.strerror}") from None
-    return path
+def _name(sid: int) -> str:
+    return f"kernel-{sid}"
+
+
+def to_registry(record: SessionRecord, **extra: Any) -> registry.Record:
+    """The registry's record for ``record``; ``extra`` fills the fields this view lacks
+    (portal as named, initiator_name, tsih, by_path, details)."""
+    fields: dict[str, Any] = {"portal": record.login_portal or record.portal,
+                              "portal_connected": record.portal,
+                              "isid": record.isid, "sid": record.sid,
+                              "host_no": record.host_no, "devices": record.devices,
+                              "tsih": record.tsih, "initiator_name": record.initiator_name,
+                              "ready": True}
+    if record.initial_cmdsn is not None:
+        fields["details"] = {"initial_cmdsn": record.initial_cmdsn}
+    fields.update(extra)
+    base = registry.new_record("kernel", target=record.target, **fields)
+    if record.boot_id:
+        base = replace(base, boot_id=record.boot_id)
+    return registry.replace_owner(base, pid=record.pid, pid_start=record.pid_start)
+
+
+def from_registry(record: registry.Record) -> SessionRecord:
+    assert record.sid is not None
+    cmdsn = record.details.get("initial_cmdsn")
+    return SessionRecord(sid=record.sid, host_no=record.host_no or 0, target=record.target,
+                         portal=record.portal_connected or record.portal, isid=record.isid,
+                         pid=record.pid, pid_start=record.pid_start, devices=record.devices,
+                         boot_id=record.boot_id or "", login_portal=record.portal,
+                         tsih=record.tsih,
+                         initial_cmdsn=cmdsn if isinstance(cmdsn, int) else None,
+                         initiator_name=record.initiator_name)
+
+
+def write_record(record: SessionRecord, **extra: Any) -> Path:
+    return registry.write(to_registry(record, **extra))
 
 
 def read_record(sid: int) -> SessionRecord | None:
-    path = sessions_dir() / f"{sid}.json"
-    try:
-        data = json.loads(path.read_text())
-        data["devices"] = tuple(data.get("devices", ()))
-        return SessionRecord(**data)
-    except (OSError, ValueError, TypeError):
+    record = registry.read(_name(sid))
+    if record is None or record.path != "kernel" or record.sid != sid:
         return None
+    return from_registry(record)
 
 
 def remove_record(sid: int, *, pid: int | None = None) -> None:
     """Drop session ``sid``'s record (only if ``pid`` still owns it, when given)."""
-    record = read_record(sid)
-    if pid is not None and record is not None and record.pid != pid:
-        return
-    with contextlib.suppress(OSError):
-        (sessions_dir() / f"{sid}.json").unlink()
+    registry.remove(_name(sid), pid=pid)
+
+
+def all_records() -> list[SessionRecord]:
+    """Every kernel session record, unchecked (kernel_adopt decides whom to trust)."""
+    return [from_registry(r) for _, r in registry.all_records()
+            if r is not None and r.path == "kernel" and r.sid is not None]
 
 
 def own_record(sid: int, host_no: int, target: str, portal: str, isid: bytes,
                devices: list[str], *, login_portal: str = "", tsih: int = 0,
-               initial_cmdsn: int | None = None) -> SessionRecord:
+               initial_cmdsn: int | None = None, initiator_name: str = "") -> SessionRecord:
     pid = os.getpid()
     return SessionRecord(sid=sid, host_no=host_no, target=target, portal=portal,
                          isid=isid.hex(), pid=pid, pid_start=process_start_time(pid),
                          devices=tuple(devices), boot_id=boot_id(),
-                         login_portal=login_portal, tsih=tsih, initial_cmdsn=initial_cmdsn)
-
-
-def all_records() -> list[SessionRecord]:
-    try:
-        names = sorted(os.listdir(sessions_dir()))
-    except OSError:
-        return []
-    records = []
-    for name in names:
-        stem, _, ext = name.partition(".")
-        if ext == "json" and stem.isdigit():
-            record = read_record(int(stem))
-            if record is not None:
-                records.append(record)
-    return records
+                         login_portal=login_portal or portal, tsih=tsih,
+                         initial_cmdsn=initial_cmdsn, initiator_name=initiator_name)
 
 
 # --- pidfile --------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any
 
 import click
 
-from iscsi_handoff import kernel_adopt, sdnotify
+from iscsi_handoff import kernel_adopt, registry, sdnotify
 from iscsi_handoff import kernel_owners as owners
 from kernel_handoff.errors import KernelUnavailable
 from kernel_handoff.handoff import HandoffOptions, KernelSession, handoff
@@ -219,16 +219,16 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
     timers = SessionTimers(replacement_timeout=int(opts.replacement_timeout))
     handoff_opts = HandoffOptions(queue_depth=opts.queue_depth, timers=timers,
                                   sysfs_root=opts.sysfs_root, dev_root=opts.dev_root,
-                                  create_lock=owners.sessions_dir() / "create.lock")
+                                  create_lock=registry.run_dir() / "kernel-create.lock")
     to_recover: list[Keeper] = []
     try:
         for given, config in logins:
             assert config.target_name is not None
             portal = resolve_once(given)
-            orphan = kernel_adopt.find(config.target_name, portal,
+            orphan = kernel_adopt.find(config.target_name, (given, portal),
                                        sysfs_root=opts.sysfs_root)
             if orphan is not None:
-                keeper = _adopt(orphan, portal, config, timers, opts)
+                keeper = _adopt(orphan, given, portal, config, timers, opts)
                 state.keepers.append(keeper)
                 state.adopted.add(keeper.sid)
                 if not kernel_adopt.connection_up(orphan.info):
@@ -248,7 +248,7 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
                      t.get("netlink", 0) * 1000, t.get("scan", 0) * 1000, t["total"] * 1000)
             state.keepers.append(Keeper(session, portal, config, timers,
                                         login_timeout=opts.login_timeout))
-            _record(session, portal)
+            _record(session, given, config)
     except BaseException:
         # All or nothing: what we made is logged out, what we adopted is left as found.
         made = [k for k in state.keepers if k.sid not in state.adopted]
@@ -258,24 +258,25 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
     return to_recover
 
 
-def _adopt(orphan: kernel_adopt.Orphan, portal: Portal, config: LoginConfig,
+def _adopt(orphan: kernel_adopt.Orphan, given: Portal, portal: Portal, config: LoginConfig,
            timers: SessionTimers, opts: KernelOptions) -> Keeper:
     handle = transport_handle(opts.sysfs_root)
     assert handle is not None  # _ensure_transport
     session = kernel_adopt.adopt(orphan, transport_handle=handle,
                                  initiator_name=config.initiator_name, portal=portal)
-    _record(session, portal)
+    _record(session, given, config)
     log.warning("session %d: adopted (its keeper, pid %d, is gone)", session.sid,
                 orphan.record.pid)
     return Keeper(session, portal, config, timers, login_timeout=opts.login_timeout)
 
 
-def _record(session: KernelSession, portal: Portal) -> None:
+def _record(session: KernelSession, given: Portal, config: LoginConfig) -> None:
     owners.write_record(owners.own_record(
         session.sid, session.host_no, session.target_name,
         portal_text(session.address, session.port), session.isid,
-        [d.dev for d in session.disks], login_portal=portal.address(),
-        tsih=session.tsih, initial_cmdsn=session.initial_cmdsn))
+        [d.dev for d in session.disks], login_portal=given.address(),
+        tsih=session.tsih, initial_cmdsn=session.initial_cmdsn,
+        initiator_name=config.initiator_name))
 
 
 def _leave_all(state: KeeperState, opts: KernelOptions) -> None:

@@ -15,7 +15,7 @@ import pytest
 from iscsi_handoff import kernel_adopt, sdnotify
 from iscsi_handoff import kernel_owners as owners
 from kernel_handoff.sysfs import get_session
-from userland.errors import ConfigError
+from userland.errors import ConfigError, SessionExists
 from userland.portal import Portal
 
 TARGET = "iqn.2024-01.org.example:disk1"
@@ -58,7 +58,7 @@ def _dead_pid() -> int:
 def test_an_orphan_is_adopted_with_what_recovery_needs(tmp_path: Path) -> None:
     _session(tmp_path, 3, TARGET, "192.0.2.10", state="FAILED", conn_state="failed")
     _record(3, pid=_dead_pid())
-    orphan = kernel_adopt.find(TARGET, PORTAL, sysfs_root=str(tmp_path))
+    orphan = kernel_adopt.find(TARGET, (PORTAL,), sysfs_root=str(tmp_path))
     assert orphan is not None and orphan.record.sid == 3
     assert not kernel_adopt.connection_up(orphan.info)  # recovered at once
     s = kernel_adopt.adopt(orphan, transport_handle=9, initiator_name=INITIATOR,
@@ -68,7 +68,7 @@ def test_an_orphan_is_adopted_with_what_recovery_needs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="logged in as"):
         kernel_adopt.adopt(orphan, transport_handle=9, initiator_name="iqn.2024-01.x:y",
                            portal=PORTAL)
-    assert kernel_adopt.find(TARGET, Portal("192.0.2.11", 3260),
+    assert kernel_adopt.find(TARGET, (Portal("192.0.2.11", 3260),),
                              sysfs_root=str(tmp_path)) is None
 
 
@@ -78,9 +78,9 @@ def test_a_live_keeper_is_reported_not_duplicated(tmp_path: Path) -> None:
     try:
         time.sleep(0.2)
         _record(3, pid=keeper.pid)
-        with pytest.raises(kernel_adopt.SessionExists,
+        with pytest.raises(SessionExists,
                            match=f"already has session 3, kept by pid {keeper.pid}"):
-            kernel_adopt.find(TARGET, PORTAL, sysfs_root=str(tmp_path))
+            kernel_adopt.find(TARGET, (PORTAL,), sysfs_root=str(tmp_path))
     finally:
         keeper.kill()
         keeper.wait()
@@ -93,7 +93,7 @@ def test_stale_records_never_touch_the_session_they_name(tmp_path: Path, why: st
         _session(tmp_path, 3, "iqn.2024-01.org.other:x" if why == "target" else TARGET,
                  "192.0.2.99" if why == "portal" else "192.0.2.10")
     record = _record(3, pid=_dead_pid(), boot="another-boot" if why == "boot" else None)
-    assert kernel_adopt.find(TARGET, PORTAL, sysfs_root=str(tmp_path)) is None
+    assert kernel_adopt.find(TARGET, (PORTAL,), sysfs_root=str(tmp_path)) is None
     info = None if why == "gone" else get_session(str(tmp_path), 3)
     assert kernel_adopt.distrust(record, info, owners.boot_id()) is not None
 
