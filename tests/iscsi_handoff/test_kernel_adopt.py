@@ -141,3 +141,21 @@ def _has_cap(bit: int) -> bool:
         if line.startswith("CapEff:"):
             return bool((int(line.split()[1], 16) >> bit) & 1)
     return False
+
+
+def test_the_unit_never_logs_out_on_restart() -> None:
+    """The unit's promises: ready when the disks exist, SIGTERM leaves the session to the
+    next keeper (--service), logout only at shutdown, the OOM killer's last pick."""
+    unit = (ROOT / "kernel_handoff" / "systemd" / "iscsi-handoff@.service").read_text()
+    settings: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    assert settings["OOMScoreAdjust"] == ["-1000"]
+    (start,) = settings["ExecStart"]
+    assert " login --kernel --service " in start and "--daemon" not in start
+    (stop,) = settings["ExecStop"]
+    assert "is-system-running" in stop and "stopping" in stop and " logout " in stop
+    assert settings["KillSignal"] == ["SIGTERM"]

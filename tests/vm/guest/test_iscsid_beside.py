@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_handoff.pathchoice import probe_iscsid
 from iscsi_handoff.tgtlab import LunSpec, Tgt
 
 from .kernel_login import KernelLogin, drop_caches, sessions_in_sysfs
@@ -68,6 +69,7 @@ def test_iscsid_leaves_our_session_alone(tgt_session: Tgt, tmp_path: Path, chap:
             write_direct(disk.dev, 0, first)
 
             daemon.start()
+            assert probe_iscsid().running, "doctor does not see iscsid running"
             began = time.monotonic()
             n = 0
             while time.monotonic() - began < SETTLE:  # I/O all along iscsid's start
