@@ -89,6 +89,10 @@ def test_iscsid_leaves_our_session_alone(tgt_session: Tgt, tmp_path: Path, chap:
             # iscsiadm's logout of it goes through iscsid, which does not own it.
             refused = daemon.adm("-m", "session", "-r", str(disk.sid), "-u", check=False)
             assert disk.sid in sessions_in_sysfs(), refused
+            if not chap:  # with a node record for the target, --logoutall neither
+                daemon.discover(tgt.portal)
+                daemon.adm("-m", "node", "--logoutall=all", check=False)
+                assert disk.sid in sessions_in_sysfs()
             assert nexus_ids(tgt, target.tid) == before, tgt.show()
             figure(f"iscsid beside ({'chap' if chap else 'plain'}): creator -1, nexus "
                    f"{before} unchanged after {SETTLE:g} s; `iscsiadm -m session -r "
