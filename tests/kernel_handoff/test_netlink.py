@@ -218,9 +218,9 @@ def test_kernel_port_lock_queues_our_processes(monkeypatch: pytest.MonkeyPatch,
         with netlink.kernel_port(lock, wait=0.2):
             pass
 
-    with netlink.kernel_port(lock, wait=5):
-        # Another login (here a second open of the lock file: flock is per open file,
-        # as between processes) must wait its turn, for a bounded time.
-        with pytest.raises(KernelIscsiError, match="another login holds it"):
-            take()
+    # Another login (here a second open of the lock file: flock is per open file, as
+    # between processes) must wait its turn, for a bounded time.
+    with netlink.kernel_port(lock, wait=5), \
+            pytest.raises(KernelIscsiError, match="another login holds it"):
+        take()
     take()  # released: free again
