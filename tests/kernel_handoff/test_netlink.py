@@ -200,7 +200,7 @@ def test_kernel_port_waits_for_the_port_id_and_releases_it(
     fake = _Busy(busy=3)
     monkeypatch.setattr(netlink, "IscsiNetlink", fake)
     with netlink.kernel_port(tmp_path / "lock", wait=5) as nl:
-        assert nl is fake
+        assert nl is fake  # type: ignore[comparison-overlap]  # the stand-in
     assert fake.opened[-1] == {"port_id": 0xFFFFFFFF, "groups": 0} and len(fake.opened) == 4
     assert fake.closed == 1
     with pytest.raises(KernelIscsiError, match="another process holds it"):
