@@ -24,6 +24,11 @@ class Peer:
         self.sock = sock
         self.reader = PduReader(allowed=ALL)
         self.stat_sn = 100
+        # 13.9: a target names its portal group in the first Login Response of a normal
+        # session; login_response adds it there unless the script sets this to None.
+        self.tpgt: int | None = 1
+        self._normal_session = False
+        self._responded = False
 
     def recv(self) -> Pdu:
         while (pdu := self.reader.next_pdu()) is None:
@@ -36,7 +41,10 @@ class Peer:
     def recv_login(self) -> tuple[LoginRequest, dict[str, str]]:
         pdu = self.recv()
         assert isinstance(pdu, LoginRequest), pdu
-        return pdu, dict(decode_text(bytes(pdu.data)))
+        keys = dict(decode_text(bytes(pdu.data)))
+        if "TargetName" in keys:
+            self._normal_session = True
+        return pdu, keys
 
     def send(self, pdu: Pdu) -> None:
         self.sock.sendall(pdu.encode())
@@ -48,6 +56,10 @@ class Peer:
                        transit: bool = False, nsg: int = 0, status: tuple[int, int] = (0, 0),
                        tsih: int = 0) -> LoginResponse:
         """A well-formed answer to ``req`` carrying ``pairs``; the caller may spoil it."""
+        first, self._responded = not self._responded, True
+        if (first and self._normal_session and self.tpgt is not None and status == (0, 0)
+                and all(k != "TargetPortalGroupTag" for k, _ in pairs)):
+            pairs = [*pairs, ("TargetPortalGroupTag", str(self.tpgt))]
         self.stat_sn += 1
         return LoginResponse(transit=transit, csg=req.csg, nsg=nsg if transit else 0,
                              isid=req.isid, tsih=tsih, itt=req.itt, stat_sn=self.stat_sn,

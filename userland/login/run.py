@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from userland.errors import AuthenticationError, LoginTimeout, NetworkError, Pro
 from userland.login.machine import LoginConfig, LoginMachine, LoginResult, Redirected
 from userland.pdu import LoginResponse
 from userland.portal import Portal
+from userland.printable import escape
 
 log = logging.getLogger("iscsi_handoff.login")
 MAX_REDIRECTS = 5
@@ -49,11 +51,14 @@ def login(portal: Portal, config: LoginConfig, *,
         hops.append(outcome.target_address)
         if len(hops) > MAX_REDIRECTS:
             raise ProtocolError(f"login redirected more than {MAX_REDIRECTS} times "
-                                f"({' -> '.join(hops)})")
+                                f"({escape(' -> '.join(hops))})")
         new_portal = Portal.parse(outcome.target_address, what="redirect TargetAddress")
         kind = "permanently" if outcome.permanent else "temporarily"
         log.info("target moved %s to %s", kind, new_portal)
         portal = new_portal
+        if config.target_name is not None:  # 13.9: the new portal's group, if it named one
+            config = dataclasses.replace(config, expected_tpgt=new_portal.tpgt,
+                                         expected_tpgt_from="the redirect")
 
 
 def login_on(conn: Connection, config: LoginConfig, *,
@@ -101,5 +106,6 @@ def login_on(conn: Connection, config: LoginConfig, *,
 def _log_transcript(machine: LoginMachine, start: int) -> None:
     for direction, pairs in machine.transcript[start:]:
         for key, value in pairs:
-            log.info("login %s %s=%s", "->" if direction == "sent" else "<-", key, value)
+            log.info("login %s %s=%s", "->" if direction == "sent" else "<-", key,
+                     escape(value))
 
