@@ -20,6 +20,7 @@ from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.login_path import decide, prepare_mountpoint
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
+    Auth,
     PortalType,
     auth_from,
     auth_options,
@@ -28,6 +29,7 @@ from iscsi_handoff.options import (
 )
 from iscsi_handoff.output import login_json, print_login, print_targets
 from userland.discovery.run import discover
+from userland.discovery.sendtargets import DiscoveredTarget
 from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
@@ -152,7 +154,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
                          isid=new_isid(), credentials=auth.credentials, mutual=auth.mutual,
                          chap_algorithms=auth.chap_algorithms,
                          header_digest=DIGEST_CHOICES[header_digest],
-                         data_digest=DIGEST_CHOICES[data_digest])
+                         data_digest=DIGEST_CHOICES[data_digest],
+                         expected_tpgt=portal.tpgt)
     data_opts.login_timeout = auth.timeout
     if not check:
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
@@ -229,12 +232,20 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
         show()
 
 
+# `mount` opens one session per listed target and keeps them all: a portal listing
+# thousands must not make us open thousands. Raise it with --max-targets.
+DEFAULT_MAX_TARGETS = 256
+
+
 @cli.command(epilog=EPILOG)
 @click.argument("portal", type=PortalType())
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--max-targets", type=click.IntRange(1, 100000), default=DEFAULT_MAX_TARGETS,
+              show_default=True,
+              help="Refuse to mount a portal listing more targets than this.")
 @fuse_options
 @auth_options
-def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
+def mount(portal: Portal, mountpoint: Path, max_targets: int, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
@@ -253,14 +264,25 @@ def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
     targets = discover(portal, initiator_name=auth.initiator_name,
                        credentials=auth.credentials, mutual=auth.mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    run_fuse(mount_logins(portal, targets, auth, max_targets=max_targets), opts)
+
+
+def mount_logins(portal: Portal, targets: list[DiscoveredTarget], auth: Auth, *,
+                 max_targets: int) -> list[tuple[Portal, LoginConfig]]:
+    """One login per discovered target, at its first portal, with the TPGT it was listed
+    with; refused past ``max_targets`` (each session costs memory and a connection)."""
     if not targets:
         raise ConfigError(f"{portal} lists no targets")
-    logins = [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
-                                         target_name=t.name, isid=new_isid(),
-                                         credentials=auth.credentials, mutual=auth.mutual,
-                                         chap_algorithms=auth.chap_algorithms))
-              for t in targets]
-    run_fuse(logins, opts)
+    if len(targets) > max_targets:
+        raise ConfigError(f"{portal} lists {len(targets)} targets, more than --max-targets "
+                          f"{max_targets}; raise --max-targets to mount them all")
+    return [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
+                                       target_name=t.name, isid=new_isid(),
+                                       credentials=auth.credentials, mutual=auth.mutual,
+                                       chap_algorithms=auth.chap_algorithms,
+                                       expected_tpgt=t.portals[0].tpgt,
+                                       expected_tpgt_from="the SendTargets answer"))
+            for t in targets]
 
 
 @cli.command(epilog=EPILOG)

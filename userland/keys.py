@@ -436,6 +436,46 @@ class TextAssembler:
         return decode_text(text)
 
 
+class TextStream:
+    """Pairs out of a long text as they arrive, for answers too big to hold (SendTargets).
+
+    ``feed`` takes each PDU's data and returns the pairs completed by it, each checked
+    by 6.1 at once; only the unfinished pair at the end is kept. C=1 (``cont``) lets a
+    pair run into the next PDU; C=0 means the PDU ended on a pair boundary (F=0, C=0
+    in 11.11: a complete set of pairs, more to come when we ask). The total is bounded
+    by ``max_bytes``; a target sending more gets a ProtocolError that says so.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._tail = b""
+
+    def feed(self, data: bytes, cont: bool) -> list[Pair]:
+        self.total += len(data)
+        if self.total > self.max_bytes:
+            self._tail = b""
+            raise ProtocolError(f"text answer longer than {self.max_bytes} bytes; refused "
+                                "past that bound")
+        buf = self._tail + bytes(data)
+        end = buf.rfind(b"\0") + 1  # up to the last complete pair
+        self._tail = buf[end:]
+        if len(self._tail) > MAX_KEY_LENGTH + 1 + 2 * MAX_CHAP_BINARY + 2:
+            # No key=value we accept is this long (6.1): do not keep buffering it.
+            raise ProtocolError(f"bad text: a key=value pair of more than {len(self._tail)} "
+                                "bytes")
+        if not cont and self._tail:
+            raise ProtocolError("bad text: a Text Response without the C bit ends inside a "
+                                "key=value pair (RFC 7143 6.1, 11.11)")
+        return decode_text(buf[:end]) if end else []
+
+    def finish(self) -> None:
+        if self._tail:
+            raise ProtocolError("bad text: it ends inside a key=value pair")
+
+
 def split_text(data: bytes, max_data_segment_length: int) -> list[bytes]:
     """Chunks of at most ``max_data_segment_length`` bytes, split anywhere (6.1).
 

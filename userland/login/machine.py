@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from userland.errors import AuthenticationError, ConfigError, NegotiationError, ProtocolError
 from userland.keys import (
@@ -97,6 +97,15 @@ class LoginConfig:
     @property
     def session_type(self) -> str:
         return "Normal" if self.target_name else "Discovery"
+
+
+def config_for_redirect(config: LoginConfig, target_address: str,
+                        tpgt: int | None) -> LoginConfig:
+    """The config to log in with at a redirect's address: its TPGT is now the one due."""
+    if config.target_name is None:
+        return config
+    return replace(config, expected_tpgt=tpgt,
+                   expected_tpgt_from=f"the redirect to {escape(target_address, limit=80)}")
 
 
 @dataclass

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 from userland.connection import Connection
 from userland.errors import AuthenticationError, LoginTimeout, NetworkError, ProtocolError
-from userland.login.machine import LoginConfig, LoginMachine, LoginResult, Redirected
+from userland.login.machine import (
+    LoginConfig,
+    LoginMachine,
+    LoginResult,
+    Redirected,
+    config_for_redirect,
+)
 from userland.pdu import LoginResponse
 from userland.portal import Portal
 from userland.printable import escape
@@ -29,10 +34,15 @@ class LoggedIn:
     redirects: list[str]
 
 
-def login(portal: Portal, config: LoginConfig, *,
-          timeout: float = DEFAULT_LOGIN_TIMEOUT) -> LoggedIn:
-    """Connect and log in; the whole exchange, redirects included, within ``timeout``."""
-    deadline = time.monotonic() + timeout
+def login(portal: Portal, config: LoginConfig, *, timeout: float = DEFAULT_LOGIN_TIMEOUT,
+          deadline: float | None = None) -> LoggedIn:
+    """Connect and log in; the whole exchange, redirects included, within ``timeout``.
+
+    ``deadline`` (a ``time.monotonic()`` value), when given, replaces ``timeout``: a
+    command shares one deadline between login and what follows it.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     hops: list[str] = []
     while True:
         conn = Connection.open(portal, deadline=deadline)
@@ -56,9 +66,7 @@ def login(portal: Portal, config: LoginConfig, *,
         kind = "permanently" if outcome.permanent else "temporarily"
         log.info("target moved %s to %s", kind, new_portal)
         portal = new_portal
-        if config.target_name is not None:  # 13.9: the new portal's group, if it named one
-            config = dataclasses.replace(config, expected_tpgt=new_portal.tpgt,
-                                         expected_tpgt_from="the redirect")
+        config = config_for_redirect(config, outcome.target_address, new_portal.tpgt)
 
 
 def login_on(conn: Connection, config: LoginConfig, *,
