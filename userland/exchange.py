@@ -117,6 +117,8 @@ class Exchange:
             resp = self._receive(itt, deadline, "a Text Response")
             if not isinstance(resp, TextResponse):
                 raise ProtocolError(f"expected a Text Response, got {type(resp).__name__}")
+            if resp.final and resp.cont:
+                raise ProtocolError("Text Response with both F and C set (RFC 7143 11.11)")
             got = stream.feed(bytes(resp.data), resp.cont)
             if got:
                 sink(got)

@@ -294,3 +294,15 @@ def test_timeout_bounds_login_send_targets_and_logout_together() -> None:
     assert ran.returncode == 3, ran.stderr
     assert "deadline" in ran.one_line() or "in time" in ran.one_line()
     assert ran.seconds < 2 * 2 + 10  # the deadline, plus the CLI's start on a busy machine
+
+
+def test_redirect_to_a_malformed_address_is_a_protocol_error() -> None:
+    def redirect(peer: Peer) -> None:
+        req, _ = peer.recv_login()
+        peer.send(peer.login_response(req, [("TargetAddress", "evil\x1b[2J:3260,1")],
+                                      status=(1, 1)))
+
+    with FakeTarget(redirect) as fake:
+        ran = check(fake)
+    assert ran.returncode == 7
+    assert "redirect TargetAddress" in ran.one_line()

@@ -7,7 +7,13 @@ import time
 from dataclasses import dataclass
 
 from userland.connection import Connection
-from userland.errors import AuthenticationError, LoginTimeout, NetworkError, ProtocolError
+from userland.errors import (
+    AuthenticationError,
+    ConfigError,
+    LoginTimeout,
+    NetworkError,
+    ProtocolError,
+)
 from userland.login.machine import (
     LoginConfig,
     LoginMachine,
@@ -62,7 +68,10 @@ def login(portal: Portal, config: LoginConfig, *, timeout: float = DEFAULT_LOGIN
         if len(hops) > MAX_REDIRECTS:
             raise ProtocolError(f"login redirected more than {MAX_REDIRECTS} times "
                                 f"({escape(' -> '.join(hops))})")
-        new_portal = Portal.parse(outcome.target_address, what="redirect TargetAddress")
+        try:
+            new_portal = Portal.parse(outcome.target_address, what="redirect TargetAddress")
+        except ConfigError as exc:  # the target's address, not the user's: exit 7
+            raise ProtocolError(str(exc)) from None
         kind = "permanently" if outcome.permanent else "temporarily"
         log.info("target moved %s to %s", kind, new_portal)
         portal = new_portal
