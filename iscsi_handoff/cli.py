@@ -36,6 +36,7 @@ from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
 from userland.names import validate_name
 from userland.portal import Portal
+from userland.printable import escape
 
 log = logging.getLogger("iscsi_handoff")
 
@@ -336,7 +337,7 @@ def _run() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except IscsiError as exc:
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        click.echo(f"iscsi-handoff: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("iscsi-handoff: interrupted", err=True)
@@ -345,6 +346,12 @@ def _run() -> None:
         raise
     except Exception as exc:  # a bug: say so in one line; -v shows where
         _internal(exc)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error's text as one terminal-safe line: the net under every message that may
+    carry a target's words (each source escapes them already; this catches the rest)."""
+    return escape(str(exc), limit=4000, backslashes=False)
 
 
 def _internal(exc: BaseException) -> None:
@@ -358,7 +365,7 @@ def _internal(exc: BaseException) -> None:
 def _run_handled(exc: BaseException) -> None:
     """The same answers as _run gives, for an error that came out of a trio nursery."""
     if isinstance(exc, IscsiError):
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        click.echo(f"iscsi-handoff: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("iscsi-handoff: interrupted", err=True)

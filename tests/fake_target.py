@@ -258,13 +258,15 @@ def target_list(names: Iterable[str], address: str = "127.0.0.1:3260,1") -> Iter
         yield ("TargetAddress", address)
 
 
-def endless_targets(width: int = 200) -> Iterator[Pair]:
-    """A SendTargets answer that never ends (16 MiB and more, if we let it); names are
-    padded to ``width`` characters, so that bytes, not the count, run out first."""
-    i = 0
-    while True:
-        yield from target_list([f"iqn.2024-01.org.example:endless{i:09d}".ljust(width, "x")])
+def many_targets(total_bytes: int, width: int = 200) -> Iterator[Pair]:
+    """A SendTargets answer of about ``total_bytes`` (16 MiB, say), made as it is sent;
+    names are padded to ``width`` characters, so bytes, not the count, run out first."""
+    sent, i = 0, 0
+    while sent < total_bytes:
+        pairs = list(target_list([f"iqn.2024-01.org.example:t{i:09d}".ljust(width, "x")]))
+        sent += sum(len(k) + len(v) + 2 for k, v in pairs)
         i += 1
+        yield from pairs
 
 
 def hostile(plan: LoginPlan | None = None, *,

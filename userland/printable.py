@@ -10,12 +10,14 @@ from __future__ import annotations
 MAX_SHOWN = 256  # characters of one target string in a line; the rest is elided
 
 
-def escape(text: str | bytes, *, limit: int = MAX_SHOWN) -> str:
+def escape(text: str | bytes, *, limit: int = MAX_SHOWN, backslashes: bool = True) -> str:
     r"""``text`` with every non-printable character as ``\xNN``/``\uNNNN``.
 
     Printable means ``str.isprintable()`` or a plain space: C0/C1 controls, DEL, line
     and paragraph separators and format characters (bidi overrides) are all escaped.
-    A backslash is doubled so an escaped form cannot be forged. Bytes are decoded as
+    A backslash is doubled so an escaped form cannot be forged (``backslashes=False``
+    leaves them alone: the last net over a line we composed, whose target parts were
+    escaped already). Bytes are decoded as
     UTF-8 with undecodable bytes shown as ``\xNN``. More than ``limit`` characters are
     cut, with ``...`` and the original length appended.
     """
@@ -26,7 +28,7 @@ def escape(text: str | bytes, *, limit: int = MAX_SHOWN) -> str:
     out: list[str] = []
     for ch in shown:
         code = ord(ch)
-        if ch == "\\":
+        if ch == "\\" and backslashes:
             out.append("\\\\")
         elif from_bytes and 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
             out.append(f"\\x{code - 0xDC00:02x}")

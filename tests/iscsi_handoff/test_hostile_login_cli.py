@@ -27,9 +27,9 @@ from fake_target import (
     LoginPlan,
     Peer,
     answer_logout,
-    endless_targets,
     hostile,
     login_as,
+    many_targets,
     serve_text,
     target_list,
     text_pdus,
@@ -218,9 +218,10 @@ def test_f0_c0_pdu_ending_inside_a_pair_is_refused() -> None:
     assert "ends inside a key=value pair" in ran.one_line()
 
 
-def test_endless_send_targets_is_refused_with_bounded_memory() -> None:
-    with FakeTarget(hostile(text=lambda: text_pdus(endless_targets(), chunk=256 << 10))) \
-            as fake:
+def test_sixteen_mib_send_targets_is_refused_with_bounded_memory() -> None:
+    """Held whole, then built into pairs, such an answer peaked at 320-760 MB."""
+    answer = lambda: text_pdus(many_targets(16 << 20), chunk=256 << 10)  # noqa: E731
+    with FakeTarget(hostile(text=answer)) as fake:
         ran = discover(fake, timeout=120)
     assert ran.returncode == 7
     assert f"longer than {MAX_SENDTARGETS_BYTES} bytes" in ran.one_line()
