@@ -60,6 +60,7 @@ def test_escape_bytes_and_limit() -> None:
     assert escape("x" * 1000, limit=8) == "xxxxxxxx...(1000 characters)"
 
 
+@settings(deadline=None)  # no timing in tests: a busy CI machine is slow
 @given(st.text())
 def test_escape_never_lets_a_control_character_through(text: str) -> None:
     shown = escape(text, limit=10**6)
@@ -75,6 +76,7 @@ pairs_strategy = st.lists(st.tuples(st.sampled_from(["TargetName", "TargetAddres
                                             max_size=40)), max_size=30)
 
 
+@settings(deadline=None)
 @given(pairs_strategy, st.lists(st.integers(1, 50), max_size=30))
 def test_text_stream_split_anywhere_gives_the_same_pairs(pairs: list[Pair],
                                                          cuts: list[int]) -> None:
@@ -272,7 +274,7 @@ def test_any_slip_of_a_parser_becomes_a_protocol_error() -> None:
             sloppy(bad)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64))
 def test_login_machine_takes_any_response_text_as_a_project_error(data: bytes) -> None:
     machine = LoginMachine(normal())

@@ -311,7 +311,8 @@ class LoginMachine:
                 raise AuthenticationError(
                     "target offered no authentication (AuthMethod=None) while CHAP "
                     "credentials were given; refusing to log in unauthenticated")
-            raise AuthenticationError(f"target refused CHAP (answered AuthMethod={method})")
+            raise AuthenticationError(f"target refused CHAP (answered AuthMethod="
+                                      f"{escape(method, limit=40)})")
         if method != "None":
             raise AuthenticationError(
                 f"the target requires authentication (answered AuthMethod="
