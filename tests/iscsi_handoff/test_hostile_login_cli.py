@@ -94,8 +94,8 @@ def check(fake: FakeTarget, *extra: str, portal: str | None = None,
                "--initiator-name", INITIATOR, "--timeout", "10", *extra, env=env)
 
 
-def chap_plan(challenge: list[tuple[str, str]], **kw: object) -> LoginPlan:
-    return LoginPlan(first=[("AuthMethod", "CHAP")], chap=challenge, **kw)  # type: ignore[arg-type]
+def chap_plan(challenge: list[tuple[str, str]]) -> LoginPlan:
+    return LoginPlan(first=[("AuthMethod", "CHAP")], chap=challenge)
 
 
 GOOD_C = encode_binary(b"\x11" * 16)
@@ -307,3 +307,24 @@ def test_redirect_to_a_malformed_address_is_a_protocol_error() -> None:
         ran = check(fake)
     assert ran.returncode == 7
     assert "redirect TargetAddress" in ran.one_line()
+
+
+def test_mount_logins_expect_the_listed_tpgt_and_cap_the_count() -> None:
+    from iscsi_handoff.cli import mount_logins
+    from iscsi_handoff.options import Auth
+    from userland.discovery.sendtargets import DiscoveredTarget
+    from userland.errors import ConfigError
+    from userland.portal import Portal
+
+    auth = Auth(initiator_name=INITIATOR, credentials=None, mutual=None,
+                chap_algorithms=(5,), timeout=5)
+    here = Portal("127.0.0.1", 3260)
+    listed = [DiscoveredTarget(f"{TARGET}{i}", [Portal("10.0.0.1", 3260, 4)])
+              for i in range(3)]
+    logins = mount_logins(here, listed, auth, max_targets=3)
+    assert [(p.tpgt, c.expected_tpgt, c.expected_tpgt_from) for p, c in logins] == \
+        [(4, 4, "the SendTargets answer")] * 3
+    with pytest.raises(ConfigError, match="lists 3 targets, more than --max-targets 2"):
+        mount_logins(here, listed, auth, max_targets=2)
+    with pytest.raises(ConfigError, match="lists no targets"):
+        mount_logins(here, [], auth, max_targets=2)

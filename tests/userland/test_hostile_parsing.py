@@ -301,3 +301,16 @@ def test_a_security_key_sent_again_later_is_refused() -> None:
         machine.receive(respond(step, [("AuthMethod", "CHAP"), ("CHAP_A", "5"),
                                        ("CHAP_I", "1"), ("CHAP_C", "0x" + "11" * 16)],
                                 transit=False, stat_sn=2))
+
+
+def test_relogin_keeps_the_first_logins_tpgt() -> None:
+    from userland.login.machine import config_pinned
+
+    first = [("AuthMethod", "None"), ("TargetPortalGroupTag", "1")]
+    result = log_in(normal(), first)
+    again = config_pinned(normal(), result.negotiated.target_portal_group_tag)
+    assert log_in(again, first).negotiated.target_portal_group_tag == 1
+    with pytest.raises(ProtocolError, match="the session's first login said 1"):
+        log_in(again, [("AuthMethod", "None"), ("TargetPortalGroupTag", "2")])
+    users = normal(expected_tpgt=1)
+    assert config_pinned(users, 1) is users

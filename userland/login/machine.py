@@ -108,6 +108,14 @@ def config_for_redirect(config: LoginConfig, target_address: str,
                    expected_tpgt_from=f"the redirect to {escape(target_address, limit=80)}")
 
 
+def config_pinned(config: LoginConfig, tpgt: int | None) -> LoginConfig:
+    """The config for a relogin of a session: the target must keep the portal group tag
+    its first login declared (a recovery that lands in another group is refused)."""
+    if config.target_name is None or tpgt is None or config.expected_tpgt is not None:
+        return config
+    return replace(config, expected_tpgt=tpgt, expected_tpgt_from="the session's first login")
+
+
 @dataclass
 class LoginResult:
     """What full feature phase starts from."""
