@@ -20,6 +20,7 @@ from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.login_path import decide, prepare_mountpoint
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
+    Auth,
     PortalType,
     auth_from,
     auth_options,
@@ -28,12 +29,14 @@ from iscsi_handoff.options import (
 )
 from iscsi_handoff.output import login_json, print_login, print_targets
 from userland.discovery.run import discover
+from userland.discovery.sendtargets import DiscoveredTarget
 from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
 from userland.names import validate_name
 from userland.portal import Portal
+from userland.printable import escape
 
 log = logging.getLogger("iscsi_handoff")
 
@@ -152,7 +155,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
                          isid=new_isid(), credentials=auth.credentials, mutual=auth.mutual,
                          chap_algorithms=auth.chap_algorithms,
                          header_digest=DIGEST_CHOICES[header_digest],
-                         data_digest=DIGEST_CHOICES[data_digest])
+                         data_digest=DIGEST_CHOICES[data_digest],
+                         expected_tpgt=portal.tpgt)
     data_opts.login_timeout = auth.timeout
     if not check:
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
@@ -229,12 +233,20 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
         show()
 
 
+# `mount` opens one session per listed target and keeps them all: a portal listing
+# thousands must not make us open thousands. Raise it with --max-targets.
+DEFAULT_MAX_TARGETS = 256
+
+
 @cli.command(epilog=EPILOG)
 @click.argument("portal", type=PortalType())
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--max-targets", type=click.IntRange(1, 100000), default=DEFAULT_MAX_TARGETS,
+              show_default=True,
+              help="Refuse to mount a portal listing more targets than this.")
 @fuse_options
 @auth_options
-def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
+def mount(portal: Portal, mountpoint: Path, max_targets: int, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
@@ -253,14 +265,25 @@ def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
     targets = discover(portal, initiator_name=auth.initiator_name,
                        credentials=auth.credentials, mutual=auth.mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    run_fuse(mount_logins(portal, targets, auth, max_targets=max_targets), opts)
+
+
+def mount_logins(portal: Portal, targets: list[DiscoveredTarget], auth: Auth, *,
+                 max_targets: int) -> list[tuple[Portal, LoginConfig]]:
+    """One login per discovered target, at its first portal, with the TPGT it was listed
+    with; refused past ``max_targets`` (each session costs memory and a connection)."""
     if not targets:
         raise ConfigError(f"{portal} lists no targets")
-    logins = [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
-                                         target_name=t.name, isid=new_isid(),
-                                         credentials=auth.credentials, mutual=auth.mutual,
-                                         chap_algorithms=auth.chap_algorithms))
-              for t in targets]
-    run_fuse(logins, opts)
+    if len(targets) > max_targets:
+        raise ConfigError(f"{portal} lists {len(targets)} targets, more than --max-targets "
+                          f"{max_targets}; raise --max-targets to mount them all")
+    return [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
+                                       target_name=t.name, isid=new_isid(),
+                                       credentials=auth.credentials, mutual=auth.mutual,
+                                       chap_algorithms=auth.chap_algorithms,
+                                       expected_tpgt=t.portals[0].tpgt,
+                                       expected_tpgt_from="the SendTargets answer"))
+            for t in targets]
 
 
 @cli.command(epilog=EPILOG)
@@ -314,7 +337,7 @@ def _run() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except IscsiError as exc:
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        click.echo(f"iscsi-handoff: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("iscsi-handoff: interrupted", err=True)
@@ -323,6 +346,12 @@ def _run() -> None:
         raise
     except Exception as exc:  # a bug: say so in one line; -v shows where
         _internal(exc)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error's text as one terminal-safe line: the net under every message that may
+    carry a target's words (each source escapes them already; this catches the rest)."""
+    return escape(str(exc), limit=4000, backslashes=False)
 
 
 def _internal(exc: BaseException) -> None:
@@ -336,7 +365,7 @@ def _internal(exc: BaseException) -> None:
 def _run_handled(exc: BaseException) -> None:
     """The same answers as _run gives, for an error that came out of a trio nursery."""
     if isinstance(exc, IscsiError):
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        click.echo(f"iscsi-handoff: {error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("iscsi-handoff: interrupted", err=True)

@@ -23,6 +23,7 @@ log = logging.getLogger("iscsi_handoff.scsi")
 RETRIES = 5
 DEFAULT_MAX_TRANSFER = 8 << 20  # when the target states no limit (VPD B0)
 DISK = 0x00  # SCSI peripheral device type: direct-access block device
+MAX_VPD_LENGTH = 0xFFFF  # INQUIRY's allocation length is 16 bits (SPC-4 6.6.1)
 
 
 @dataclass
@@ -111,8 +112,10 @@ class Lun:
     async def _vpd(self, page: int) -> bytes:
         task = await self.command(scsi.inquiry_vpd_cdb(page), read_length=255)
         data = bytes(task.data[:255 - max(task.residual, 0)])
-        need = scsi.vpd_total_length(data)
-        if need > len(data):  # a long page (0x83 on some targets): ask for all of it
+        # A long page (0x83 on some targets): ask for all of it, within the 16-bit
+        # allocation length; a page claiming more is refused by the parser below.
+        need = min(scsi.vpd_total_length(data), MAX_VPD_LENGTH)
+        if need > len(data):
             task = await self.command(scsi.inquiry_vpd_cdb(page, need), read_length=need)
             data = bytes(task.data)
         return data
