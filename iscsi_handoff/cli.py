@@ -17,18 +17,33 @@ import click
 
 from iscsi_handoff import __version__
 from iscsi_handoff.datapath import FuseOptions
+from iscsi_handoff.hints import report_error
 from iscsi_handoff.login_path import decide, prepare_mountpoint
+from iscsi_handoff.node_login import login_target
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
     PortalType,
+    add_common_options,
     auth_from,
     auth_options,
+    discovery_auth_from,
+    discovery_auth_options,
     fuse_options,
     fuse_options_from,
+    node_settings_from,
+    pop_where,
+    resolve_where,
+    where_options,
 )
-from iscsi_handoff.output import login_json, print_login, print_targets
+from iscsi_handoff.output import error_json, json_mode, login_json, print_login, print_targets
 from userland.discovery.run import discover
-from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
+from userland.errors import (
+    EXIT_INTERNAL,
+    ConfigError,
+    IscsiError,
+    PathUnavailable,
+    TargetNotFoundError,
+)
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
@@ -65,24 +80,52 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("portal", type=PortalType())
+@where_options
 @auth_options
+@discovery_auth_options
+@click.option("--save", is_flag=True,
+              help="Record each target and portal found as a node (`node list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def discover_cmd(portal: Portal, as_json: bool, **kw: Any) -> None:
+def discover_cmd(as_json: bool, save: bool, **kw: Any) -> None:
     """List the targets a portal offers (SendTargets=All).
 
-    PORTAL is host, host:port or [ipv6]:port (default port 3260).
+    PORTAL is host, host:port or [ipv6]:port (default port 3260), as an argument or
+    -p; an iscsi://HOST[:PORT]/IQN URL (or -T IQN) shows that target only. The
+    --discovery-chap-* options authenticate this discovery session; without them
+    the plain --chap-* ones do. With --save, each target and portal found becomes a
+    node record, with the plain --chap-*/--mutual-* options as its session
+    credentials (their file or variable name, never the secret).
 
     \b
     Examples:
       iscsi-handoff discover 127.0.0.1:3260
+      iscsi-handoff discover -p 127.0.0.1:3260 --save
       iscsi-handoff discover san1:3260 --chap-user alice --chap-secret-file ~/.iscsi-secret
+      iscsi-handoff discover san1 --discovery-chap-user disc \\
+          --discovery-chap-secret-file /etc/iscsi-handoff/disc.secret --save \\
+          --chap-user alice --chap-secret-file /etc/iscsi-handoff/alice.secret
       iscsi-handoff discover [::1]:3260 --json
     """
+    where = pop_where(kw)
+    if where.portal is None:
+        raise ConfigError("which portal? give PORTAL, -p PORTAL or iscsi://HOST[:PORT]")
+    recorded = node_settings_from(kw) if save else {}
     auth = auth_from(kw)
-    targets = discover(portal, initiator_name=auth.initiator_name,
-                       credentials=auth.credentials, mutual=auth.mutual,
+    credentials, mutual = discovery_auth_from(kw, auth, fall_back=True)
+    targets = discover(where.portal, initiator_name=auth.initiator_name,
+                       credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    if where.target is not None:
+        targets = [t for t in targets if t.name == where.target]
+        if not targets:
+            raise TargetNotFoundError(f"{where.portal} does not list {where.target}")
+    if save:
+        from iscsi_handoff.nodes_cli import save_discovered
+
+        nodes = save_discovered(targets, recorded)
+        if not as_json:
+            for node in nodes:
+                click.echo(f"saved {node.path}", err=True)
     print_targets(targets, as_json=as_json)
 
 
@@ -90,8 +133,7 @@ discover_cmd.name = "discover"
 
 
 @cli.command(epilog=EPILOG)
-@click.option("--portal", type=PortalType(), required=True, help="host[:port] of the target.")
-@click.option("--target", "target_name", required=True, metavar="IQN", help="Target name.")
+@login_target
 @click.option("--check", is_flag=True,
               help="Log in, print the negotiated parameters, log out.")
 @click.option("--kernel", "force_kernel", is_flag=True,
@@ -130,8 +172,17 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
     finishes I/O, logs out and unmounts.
 
     \b
+    The target: PORTAL IQN, -p PORTAL -T IQN, iscsi://HOST[:PORT]/IQN, or a node
+    record: --node IQN (or -T IQN alone), whose settings stand in for options not
+    typed. --all logs in every node with startup=automatic (the boot unit).
+
+    \b
     Examples:
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN
+      iscsi-handoff login 127.0.0.1:3260 IQN
+      iscsi-handoff login iscsi://127.0.0.1:3260/IQN --json
+      iscsi-handoff login --node IQN
+      iscsi-handoff login --all
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --check
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --fuse /mnt/iscsi --loop
       iscsi-handoff login --portal 127.0.0.1 --target IQN --check \\
@@ -230,37 +281,80 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("portal", type=PortalType())
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("mount_args", nargs=-1, metavar="[PORTAL] MOUNTPOINT")
+@click.option("-p", "--portal", "portal_text", metavar="PORTAL",
+              help="host[:port] or iscsi://HOST[:PORT][/IQN] (instead of the argument).")
+@click.option("-T", "--target", "target_text", metavar="IQN",
+              help="Only this target of those listed.")
 @fuse_options
 @auth_options
-def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
+@discovery_auth_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Errors and the ready object as JSON.")
+def mount(mount_args: tuple[str, ...], portal_text: str | None, target_text: str | None,
+          as_json: bool, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
     MOUNTPOINT/<host>/<target>/storage is each target's first disk LUN,
     lunN/storage every disk LUN. Runs until Ctrl-C or SIGTERM.
+    The SendTargets session authenticates with --discovery-chap-* (none
+    without them); each target's session with --chap-* / --mutual-*. A target
+    that refuses the login is reported on stderr and the rest are mounted.
 
     \b
     Examples:
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi
-      iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi --loop
+      iscsi-handoff mount -p 127.0.0.1:3260 /mnt/iscsi --loop
+      iscsi-handoff mount san1 /mnt/iscsi --discovery-chap-user disc \\
+          --discovery-chap-secret-file disc.secret --chap-user alice --chap-secret-file a.secret
     """
-    opts = fuse_options_from(kw, mountpoint)
+    if not mount_args:
+        raise ConfigError("mount needs a MOUNTPOINT")
+    where = resolve_where(mount_args[:-1], portal_text, target_text)
+    if where.portal is None:
+        raise ConfigError("which portal? give PORTAL MOUNTPOINT or -p PORTAL MOUNTPOINT")
+    opts = fuse_options_from(kw, Path(mount_args[-1]))
     assert opts is not None
     auth = auth_from(kw)
+    credentials, mutual = discovery_auth_from(kw, auth, fall_back=False)
     opts.login_timeout = auth.timeout
-    targets = discover(portal, initiator_name=auth.initiator_name,
-                       credentials=auth.credentials, mutual=auth.mutual,
+    targets = discover(where.portal, initiator_name=auth.initiator_name,
+                       credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    if where.target is not None:
+        targets = [t for t in targets if t.name == where.target]
     if not targets:
-        raise ConfigError(f"{portal} lists no targets")
+        raise ConfigError(f"{where.portal} lists no targets"
+                          + (f" named {where.target}" if where.target else ""))
     logins = [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
                                          target_name=t.name, isid=new_isid(),
                                          credentials=auth.credentials, mutual=auth.mutual,
                                          chap_algorithms=auth.chap_algorithms))
               for t in targets]
-    run_fuse(logins, opts)
+    run_fuse(usable_logins(logins, timeout=auth.timeout), opts)
+
+
+def usable_logins(logins: list[tuple[Portal, LoginConfig]], *,
+                  timeout: float) -> list[tuple[Portal, LoginConfig]]:
+    """Each target tried once (login, logout); the ones that refuse are reported and left
+    out. Nothing usable: the first failure is the command's error."""
+    good: list[tuple[Portal, LoginConfig]] = []
+    first: IscsiError | None = None
+    for portal, config in logins:
+        try:
+            session = do_login(portal, config, timeout=timeout)
+            with session.connection:
+                Exchange(session.connection, session.result).logout(timeout=timeout)
+        except IscsiError as exc:
+            first = first or exc
+            report_error(exc, prefix=f"{config.target_name}: not mounted: ")
+            continue
+        good.append((portal, config))
+    if not good:
+        assert first is not None
+        raise first
+    return good
 
 
 @cli.command(epilog=EPILOG)
@@ -296,12 +390,25 @@ def _unwrap(exc: BaseException) -> BaseException:
 def main() -> None:
     """Console entry point: run the CLI, turning our errors into one line each."""
     try:
-        _run()
-    except BaseExceptionGroup as group:
-        inner = _unwrap(group)
-        if inner is group:
-            raise
-        _run_handled(inner)
+        try:
+            _run()
+        except BaseExceptionGroup as group:
+            inner = _unwrap(group)
+            if inner is group:
+                raise
+            _run_handled(inner)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_pipe()
+
+
+def quiet_pipe() -> None:
+    """The reader went away (`... | head -1`): what it did not read is not an error."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail
+    sys.exit(0)
 
 
 def _run() -> None:
@@ -311,15 +418,18 @@ def _run() -> None:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if json_mode() or "--json" in sys.argv[1:]:
+            click.echo(error_json(exc.format_message(), exc.exit_code, "UsageError"), err=True)
+        else:
+            exc.show()
         sys.exit(exc.exit_code)
     except IscsiError as exc:
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        report_error(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
-    except BaseExceptionGroup:
+    except (BaseExceptionGroup, BrokenPipeError):
         raise
     except Exception as exc:  # a bug: say so in one line; -v shows where
         _internal(exc)
@@ -336,15 +446,19 @@ def _internal(exc: BaseException) -> None:
 def _run_handled(exc: BaseException) -> None:
     """The same answers as _run gives, for an error that came out of a trio nursery."""
     if isinstance(exc, IscsiError):
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        report_error(exc)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
+    if isinstance(exc, BrokenPipeError):
+        raise exc
     _internal(exc)
 
 
-from iscsi_handoff import cli_kernel, cli_trace  # noqa: E402  (doctor, session, trace)
+from iscsi_handoff import cli_kernel, cli_trace, nodes_cli  # noqa: E402  (doctor, session, trace, node)
 
 cli_kernel.register(cli)
 cli_trace.register(cli)
+nodes_cli.register(cli)
+add_common_options(cli)  # last: -v, --json, -p/-T on every command
