@@ -407,13 +407,20 @@ def quiet_pipe() -> None:
     import os
 
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail
+    os.dup2(devnull, 1)  # the interpreter's last flush must not fail
     sys.exit(0)
 
 
 def _run() -> None:
     try:
         cli.main(standalone_mode=False)
+    except SystemExit as exc:
+        # click answers EPIPE itself with a quiet exit 1; 1 means a bug here: say 0.
+        from click.utils import PacifyFlushWrapper
+
+        if exc.code == 1 and isinstance(sys.stdout, PacifyFlushWrapper):
+            quiet_pipe()
+        raise
     except click.exceptions.Abort:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)

@@ -194,7 +194,8 @@ def check_setting(key: str, value: str, *, where: str, node: bool = True) -> tup
     if spec.node_only and not node:
         raise ConfigError(f"{where}: {key} belongs in a node file, not the defaults file")
     try:
-        return key, spec.parse(value.strip())
+        value = value.strip()
+        return key, spec.parse(value)
     except ValueError as exc:
         raise ConfigError(f"{where}: {key}={value}: {key} {exc}") from None
 

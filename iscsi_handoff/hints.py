@@ -28,8 +28,9 @@ def hint(exc: BaseException) -> str | None:
         return (f"list the targets it offers with `iscsi-handoff discover {portal}` "
                 f"(some targets list only those this initiator may see{who})")
     algs = tuple(facts.get("chap_algorithms", (MD5,)))
-    if isinstance(exc, IscsiError) and algs != (MD5,) and (
-            "CHAP" in text or "0x0201" in text):
+    # tgt answers an offer of SHA-256 alone with status 0x0200, "initiator error".
+    if isinstance(exc, IscsiError) and algs != (MD5,) and facts.get("chap") and (
+            "CHAP" in text or "status 0x02" in text):
         return "many targets know only MD5: try --chap-algs md5"
     return None
 

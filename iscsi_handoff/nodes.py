@@ -126,7 +126,7 @@ def apply_sets(node: Node, assignments: Iterable[str]) -> None:
         if not value.strip():
             node.settings.pop(key, None)
             continue
-        key, value = check_setting(key, value, where=f"--set {text}")
+        key, value = check_setting(key, value, where="--set")
         if key in ("target", "portal"):
             raise ConfigError(f"--set {text}: {key} names the node; delete it and "
                               "discover again instead")

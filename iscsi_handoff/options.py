@@ -115,7 +115,8 @@ def auth_from(kw: dict[str, Any]) -> Auth:
                 credentials=credentials, mutual=mutual,
                 chap_algorithms=parse_algorithms(kw.pop("chap_algs")),
                 timeout=kw.pop("timeout"))
-    hints.note(initiator_name=auth.initiator_name, chap_algorithms=auth.chap_algorithms)
+    hints.note(initiator_name=auth.initiator_name, chap_algorithms=auth.chap_algorithms,
+               chap=credentials is not None)
     return auth
 
 

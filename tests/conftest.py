@@ -26,5 +26,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test keeps its generated initiator name to itself."""
+    """Each test keeps its generated initiator name and its node records to itself."""
     monkeypatch.setenv("ISCSI_HANDOFF_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("ISCSI_HANDOFF_CONFIG_DIR", str(tmp_path / "config"))  # node records
