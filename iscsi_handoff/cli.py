@@ -92,9 +92,9 @@ def discover_cmd(as_json: bool, save: bool, **kw: Any) -> None:
     PORTAL is host, host:port or [ipv6]:port (default port 3260), as an argument or
     -p; an iscsi://HOST[:PORT]/IQN URL (or -T IQN) shows that target only. The
     --discovery-chap-* options authenticate this discovery session; without them
-    the plain --chap-* ones do. With --save, each target and portal found becomes a
-    node record, with the plain --chap-*/--mutual-* options as its session
-    credentials (their file or variable name, never the secret).
+    (and without --save) the plain --chap-* ones do. With --save, each target and
+    portal found becomes a node record, and the plain --chap-*/--mutual-* options
+    are its session credentials, recorded as their file or variable name.
 
     \b
     Examples:
@@ -111,7 +111,9 @@ def discover_cmd(as_json: bool, save: bool, **kw: Any) -> None:
         raise ConfigError("which portal? give PORTAL, -p PORTAL or iscsi://HOST[:PORT]")
     recorded = node_settings_from(kw) if save else {}
     auth = auth_from(kw)
-    credentials, mutual = discovery_auth_from(kw, auth, fall_back=True)
+    # With --save the plain ones are the nodes' session credentials (tgt, for one,
+    # refuses a discovery session that offers a target's CHAP account).
+    credentials, mutual = discovery_auth_from(kw, auth, fall_back=not save)
     targets = discover(where.portal, initiator_name=auth.initiator_name,
                        credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
@@ -415,10 +417,9 @@ def _run() -> None:
     try:
         cli.main(standalone_mode=False)
     except SystemExit as exc:
-        # click answers EPIPE itself with a quiet exit 1; 1 means a bug here: say 0.
-        from click.utils import PacifyFlushWrapper
-
-        if exc.code == 1 and isinstance(sys.stdout, PacifyFlushWrapper):
+        # click answers EPIPE itself with a quiet exit 1 after wrapping stdout in its
+        # PacifyFlushWrapper; 1 means a bug here: say 0.
+        if exc.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
             quiet_pipe()
         raise
     except click.exceptions.Abort:

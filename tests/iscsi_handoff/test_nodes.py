@@ -214,3 +214,22 @@ def test_login_all_with_no_automatic_node_says_how_to_make_one() -> None:
     assert proc.returncode == 0 and "--set startup=automatic" in proc.stdout
     extra = run("login", "--all", "--queue-depth", "4")
     assert extra.returncode == 2 and "--all takes only --daemon and --json" in one_line(extra)
+
+
+def test_discovery_credentials_apart_from_the_session_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from iscsi_handoff.options import Auth, discovery_auth_from
+    from userland.login.chap import Credentials, Secret
+
+    session = Auth("iqn.2024-01.x:i", Credentials("alice", Secret(b"alice-secret-123")),
+                   None, (5,), 15.0)
+    none = {f"discovery_{side}_{what}": None for side in ("chap", "mutual")
+            for what in ("user", "secret_file", "secret_env")}
+    assert discovery_auth_from(dict(none), session, fall_back=False) == (None, None)
+    assert discovery_auth_from(dict(none), session, fall_back=True)[0] is session.credentials
+    monkeypatch.setenv("DISC_SECRET", "discovery-secret-1")
+    given = {**none, "discovery_chap_user": "disc", "discovery_chap_secret_env": "DISC_SECRET"}
+    credentials, mutual = discovery_auth_from(given, session, fall_back=True)
+    assert credentials is not None and credentials.user == "disc" and mutual is None
+    with pytest.raises(ConfigError, match="--discovery-chap-secret-file"):
+        discovery_auth_from({**none, "discovery_chap_user": "disc"}, session, fall_back=True)

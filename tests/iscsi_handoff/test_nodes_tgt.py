@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,8 +52,8 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
     two = tgt.add_target(f"{IQN}2", luns=[LunSpec(size=8 << 20)])
     tgt.add_target(f"{IQN}3", luns=[LunSpec(size=8 << 20)])  # stays manual
     for target in (one, two):
-        with open(target.lun_paths[0], "r+b") as f:
-            f.write(target.iqn.encode().ljust(4096, b"\0"))
+        with open(target.lun_paths[0], "r+b") as backing:
+            backing.write(target.iqn.encode().ljust(4096, b"\0"))
 
     saved = run("discover", tgt.portal, "--save")
     assert saved.returncode == 0, saved.stderr
@@ -141,3 +142,52 @@ def test_chap_with_a_non_md5_algorithm_hints_md5(tgt: Tgt, tmp_path: Path) -> No
     # tgt knows MD5 only and says "initiator error" (0x0200) to an offer of SHA-256.
     assert proc.returncode in (4, 6), (proc.stdout, proc.stderr)
     assert "try --chap-algs md5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_saved_chap_node_logs_in_with_its_recorded_secret_file(
+        tgt: Tgt, tmp_path: Path) -> None:  # noqa: F811
+    tgt.add_target(f"{IQN}s", chap=("alice", "alice-secret-123"))
+    secret = tmp_path / "alice.secret"
+    secret.write_text("alice-secret-123\n")
+    secret.chmod(0o600)
+    saved = run("discover", tgt.portal, "--save", "--chap-user", "alice",
+                "--chap-secret-file", str(secret))
+    assert saved.returncode == 0, saved.stderr
+    text = next((Path(os.environ["ISCSI_HANDOFF_CONFIG_DIR"]) / "nodes").iterdir()).read_text()
+    assert f"chap_secret_file = {secret}" in text and "alice-secret-123" not in text
+    assert run("login", "--node", f"{IQN}s", "--check").returncode == 0
+    # What is typed wins over the record: a wrong user fails.
+    wrong = run("login", "--node", f"{IQN}s", "--check", "--chap-user", "bob")
+    assert wrong.returncode == 4, wrong.stderr
+
+
+def test_mount_mounts_what_it_can_and_reports_the_rest(
+        tgt: Tgt, tmp_path: Path) -> None:  # noqa: F811
+    reason = _fuse_reason()
+    if reason:
+        pytest.skip(reason)
+    tgt.add_target(f"{IQN}open", luns=[LunSpec(size=8 << 20)])
+    tgt.add_target(f"{IQN}shut", chap=("alice", "alice-secret-123"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "iscsi_handoff", "mount", "-p", tgt.portal,
+                             str(mnt), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready: dict[str, Any] = {}
+        for line in proc.stdout:
+            if line.startswith("{"):
+                ready = json.loads(line)
+                break
+        assert ready.get("event") == "ready", ready
+        assert [t["target"] for t in ready["targets"]] == [f"{IQN}open"]
+        assert (mnt / "127.0.0.1" / "bootopen" / "storage").stat().st_size == 8 << 20
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    assert proc.stderr is not None
+    err = json.loads(proc.stderr.readline())["error"]
+    assert err["message"].startswith(f"{IQN}shut: not mounted: ") and err["exit_code"] == 4
+    assert code == 0 and str(mnt) not in _mounts()
