@@ -140,6 +140,9 @@ def login_target(func: F) -> F:
                 node = find_nodes(where.target, where.portal)[0]
             except TargetNotFoundError:  # no record: a plain login with what was typed
                 node = None
+            except ConfigError as exc:  # a broken record need not stop a typed login
+                click.echo(f"iscsi-handoff: node records not used: {exc}", err=True)
+                node = None
         if node is not None:
             apply_node(ctx, kw, node)
             portal = where.portal if where.portal is not None else node.portal

@@ -233,3 +233,12 @@ def test_discovery_credentials_apart_from_the_session_ones(
     assert credentials is not None and credentials.user == "disc" and mutual is None
     with pytest.raises(ConfigError, match="--discovery-chap-secret-file"):
         discovery_auth_from({**none, "discovery_chap_user": "disc"}, session, fall_back=True)
+
+
+def test_a_broken_record_does_not_stop_a_login_that_names_its_portal() -> None:
+    nodes_dir().mkdir(parents=True)
+    (nodes_dir() / "broken.conf").write_text("colour = blue\n")
+    # Port 1 on loopback refuses: the login gets as far as the network (exit 3).
+    proc = run("login", "127.0.0.1:1", IQN, "--check", "--timeout", "5")
+    assert proc.returncode == 3, proc.stderr
+    assert "node records not used: " in proc.stderr and "unknown key 'colour'" in proc.stderr
