@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -70,7 +71,12 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
     assert run("node", "update", "-T", f"{IQN}3", "--set", "startup=automatic").returncode == 0
     tgt.delete_target(3)
 
-    env = {"ISCSI_HANDOFF_RUN_DIR": str(tmp_path / "run")}
+    # systemd's side of Type=notify: a datagram socket named in NOTIFY_SOCKET.
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(120)
+    env = {"ISCSI_HANDOFF_RUN_DIR": str(tmp_path / "run"),
+           "NOTIFY_SOCKET": str(tmp_path / "notify")}
     proc = subprocess.Popen([sys.executable, "-m", "iscsi_handoff", "login", "--all", "--json"],
                             env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -99,6 +105,8 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
         assert nodes[f"{IQN}1"]["ready"]["mountpoint"] == str(mnt)
         assert nodes[f"{IQN}2"]["ready"]["mountpoint"] == str(tmp_path / "run" / "fuse")
         assert proc.poll() is None  # serving
+        told = systemd.recv(4096).decode().splitlines()
+        assert told[:2] == ["READY=1", "STATUS=2 of 3 nodes logged in"], told
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -106,6 +114,7 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
     assert code == 5  # the first failure's
     assert str(mnt) not in _mounts() and str(tmp_path / "run") not in _mounts()
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    systemd.close()
 
 
 def test_login_grammar_against_tgt(tgt: Tgt) -> None:  # noqa: F811
