@@ -35,7 +35,14 @@ from iscsi_handoff.options import (
     resolve_where,
     where_options,
 )
-from iscsi_handoff.output import error_json, json_mode, login_json, print_login, print_targets
+from iscsi_handoff.output import (
+    error_json,
+    json_mode,
+    login_json,
+    print_login,
+    print_targets,
+    targets_json,
+)
 from userland.discovery.run import discover
 from userland.errors import (
     EXIT_INTERNAL,
@@ -125,9 +132,12 @@ def discover_cmd(as_json: bool, save: bool, **kw: Any) -> None:
         from iscsi_handoff.nodes_cli import save_discovered
 
         nodes = save_discovered(targets, recorded)
-        if not as_json:
-            for node in nodes:
-                click.echo(f"saved {node.path}", err=True)
+        if as_json:
+            click.echo(json.dumps({"targets": targets_json(targets),
+                                   "saved": [str(n.path) for n in nodes]}, indent=2))
+            return
+        for node in nodes:
+            click.echo(f"saved {node.path}", err=True)
     print_targets(targets, as_json=as_json)
 
 

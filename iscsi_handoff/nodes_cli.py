@@ -165,7 +165,6 @@ def boot_unit(command: Sequence[str]) -> str:
 # startup=automatic (iscsi-handoff node list), and is ready only once their disks exist.
 [Unit]
 Description=iSCSI logins of iscsi-handoff's automatic nodes
-Documentation=man:iscsi-handoff(1)
 DefaultDependencies=no
 Wants=network-online.target remote-fs-pre.target
 After=network-online.target

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,12 @@ def test_boot_unit_and_install() -> None:
     assert done.returncode == 0, done.stderr
     written = (unit_dir / "iscsi-handoff-boot.service").read_text()
     assert "login --all" in written and "Type=notify" in written
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze (Debian package systemd) is not installed")
+    verify = subprocess.run(["systemd-analyze", "verify",
+                             str(unit_dir / "iscsi-handoff-boot.service")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
 
 
 def test_login_all_with_no_automatic_node_says_how_to_make_one() -> None:

@@ -129,7 +129,10 @@ def test_login_grammar_against_tgt(tgt: Tgt) -> None:  # noqa: F811
     short = run("login", "-p", tgt.portal, "-T", f"{IQN}g", "--check")
     assert short.returncode == 0, short.stderr
     # A saved node: -T alone finds its portal.
-    assert run("discover", "-p", tgt.portal, "-T", f"{IQN}g", "--save").returncode == 0
+    found = run("discover", "-p", tgt.portal, "-T", f"{IQN}g", "--save", "--json")
+    assert found.returncode == 0, found.stderr
+    [saved_path] = json.loads(found.stdout)["saved"]
+    assert Path(saved_path).name == f"{IQN}g,127.0.0.1,{tgt.port}.conf"
     saved = run("login", "-T", f"{IQN}g", "--check")
     assert saved.returncode == 0, saved.stderr
     missing = run("login", tgt.portal, f"{IQN}nope", "--check")
