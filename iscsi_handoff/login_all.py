@@ -107,6 +107,16 @@ def _ready_object(text: str | None) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
+def _reason(line: str) -> str:
+    """A child's last stderr line: its error's text (JSON under --json), prefix dropped."""
+    try:
+        obj = json.loads(line)
+        line = str(obj["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    return line.removeprefix("iscsi-handoff: ")
+
+
 def _ok(child: Child, daemon: bool) -> bool:
     return child.code == 0 if daemon else child.ready is not None and child.code is None
 
@@ -120,7 +130,7 @@ def _report(children: list[Child], *, daemon: bool, as_json: bool) -> int:
         assert code is not None
         if not ok and not first_failure:
             first_failure = code
-        why = child.last_error[0] if child.last_error else f"exit {code}"
+        why = _reason(child.last_error[0]) if child.last_error else f"exit {code}"
         rows.append({"target": child.node.target, "portal": str(child.node.portal),
                      "ok": ok, "exit_code": code,
                      **({"ready": child.ready} if ok and child.ready else {}),

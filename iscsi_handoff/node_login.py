@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from iscsi_handoff import hints
 from iscsi_handoff.nodes import Node, find_one
 from iscsi_handoff.options import _stack, pop_where, where_options
 from userland.errors import ConfigError, TargetNotFoundError
@@ -146,6 +147,7 @@ def login_target(func: F) -> F:
         if node is not None:
             apply_node(ctx, kw, node)
             portal = where.portal if where.portal is not None else node.portal
+            hints.note(portal=portal.address())
         else:
             assert where.portal is not None
             portal = where.portal

@@ -95,7 +95,7 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
         assert got.wait(120) and report, proc.poll()
         nodes = {n["target"]: n for n in json.loads(report[0])["nodes"]}
         assert nodes[f"{IQN}3"]["ok"] is False and nodes[f"{IQN}3"]["exit_code"] == 5
-        assert "target not found" in nodes[f"{IQN}3"]["error"]
+        assert nodes[f"{IQN}3"]["error"].startswith(f"login to {IQN}3: target not found")
         for target in (one, two):
             ready = nodes[target.iqn]
             assert ready["ok"] is True and ready["ready"]["path"] == "fuse", ready
