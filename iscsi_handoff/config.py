@@ -13,6 +13,7 @@ environment variable name. A file holding one inline is refused as a whole.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,11 @@ def _check_pairs(settings: Mapping[str, str], *, where: str) -> None:
 
 def read_settings(path: Path, *, node: bool = True) -> dict[str, str]:
     try:
+        mode = path.stat().st_mode
+        # Root logs in from these at boot: one anybody may edit could point it anywhere.
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{path} is writable by group or others (mode "
+                              f"{stat.S_IMODE(mode):04o}); run: chmod 644 {path}")
         text = path.read_text()
     except FileNotFoundError:
         return {}

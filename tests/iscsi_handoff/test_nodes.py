@@ -51,6 +51,13 @@ def test_a_node_round_trips_through_its_file() -> None:
         find_one(IQN, Portal("192.0.2.8"))
 
 
+def test_a_node_file_others_may_write_is_refused() -> None:
+    path = save_node(Node(IQN, Portal("192.0.2.7")))
+    path.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"writable by group or others .*chmod 644"):
+        load_nodes()
+
+
 def test_defaults_file_under_the_node_and_identity_keys_refused_there() -> None:
     conf = Path(os.environ["ISCSI_HANDOFF_CONFIG_DIR"])
     conf.mkdir(parents=True)
