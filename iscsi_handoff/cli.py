@@ -63,7 +63,7 @@ EPILOG = """\b
 Exit codes: 0 ok, 1 internal error, 2 usage or configuration, 3 network
 (refused, unreachable, timed out), 4 authentication or authorization,
 5 target not found, 6 login refused by the target, 7 protocol error,
-8 I/O error, 9 data path unavailable, 130 interrupted.
+8 I/O error, 9 data path unavailable, 15 session exists, 130 interrupted.
 """
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from iscsi_handoff import kernel_owners as owners
+from iscsi_handoff import registry
 from kernel_handoff.sysfs import SessionInfo, get_session, list_sessions
 from kernel_handoff.teardown import teardown_sid
 from userland.errors import ConfigError, IscsiError
@@ -106,12 +107,6 @@ def logout(*, target: str | None, sid: int | None, every: bool, force: bool,
 
 
 def _forget_stale_records(sysfs_root: str) -> None:
-    """Records of sessions the kernel no longer has (a crash, a reboot) go."""
-    try:
-        names = os.listdir(owners.sessions_dir())
-    except OSError:
-        return
-    for name in names:
-        stem, _, ext = name.partition(".")
-        if ext == "json" and stem.isdigit() and get_session(sysfs_root, int(stem)) is None:
-            owners.remove_record(int(stem))
+    """Records of sessions the kernel no longer has (a crash, a reboot) go: the
+    registry drops every stale record as it reads them."""
+    registry.entries(sysfs_root=sysfs_root)

@@ -1,4 +1,4 @@
-"""Which process owns which kernel session: records in the state directory, pidfiles,
+"""Which process owns which kernel session: its record in the registry, pidfiles,
 and `--daemon`'s detach.
 
 A `login` on the kernel path stays running to answer connection errors; `logout` (any
@@ -6,39 +6,41 @@ process) finds the owner of a session here and signals it, or, when the owner is
 tears the session down itself. A session without a record is not ours (open-iscsi's,
 say) and is left alone. Records carry the owner's pid and its start time from
 /proc/<pid>/stat, so a recycled pid is not mistaken for the owner.
+
+The records themselves are the registry's (iscsi_handoff/registry.py, `kernel-<sid>`):
+``SessionRecord`` is the kernel path's view of one, kept for its callers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from iscsi_handoff.identity import state_dir
+from iscsi_handoff import registry
+from iscsi_handoff.sysstate import process_start_time
 from userland.errors import ConfigError, IscsiError
+
+__all__ = [
+    "Detached",
+    "SessionRecord",
+    "detach",
+    "own_record",
+    "process_start_time",
+    "read_record",
+    "remove_pidfile",
+    "remove_record",
+    "sessions_dir",
+    "write_pidfile",
+    "write_record",
+]
 
 
 def sessions_dir() -> Path:
-    return state_dir() / "sessions"
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (clock ticks since boot); None if no live process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after it.
-    rest = stat[stat.rfind(")") + 2:].split()
-    if rest and rest[0] in ("Z", "X"):  # exited, not yet reaped: no owner any more
-        return None
-    try:
-        return int(rest[19])
-    except (IndexError, ValueError):
-        return None
+    return registry.sessions_dir()
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class SessionRecord:
     sid: int
     host_no: int
     target: str
-    portal: str
+    portal: str  # the connected address:port
     isid: str
     pid: int
     pid_start: int | None
@@ -57,37 +59,43 @@ class SessionRecord:
         return start is not None and (self.pid_start is None or start == self.pid_start)
 
 
-def write_record(record: SessionRecord) -> Path:
-    folder = sessions_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = folder / f"{record.sid}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot record session {record.sid} in {folder}: "
-                          f"{exc.strerror}") from None
-    return path
+def _name(sid: int) -> str:
+    return f"kernel-{sid}"
+
+
+def to_registry(record: SessionRecord, **extra: Any) -> registry.Record:
+    """The registry's record for ``record``; ``extra`` fills the fields this view lacks
+    (portal as named, initiator_name, tsih, by_path, details)."""
+    fields: dict[str, Any] = {"portal": record.portal, "portal_connected": record.portal,
+                              "isid": record.isid, "sid": record.sid,
+                              "host_no": record.host_no, "devices": record.devices,
+                              "ready": True}
+    fields.update(extra)
+    base = registry.new_record("kernel", target=record.target, **fields)
+    return registry.replace_owner(base, pid=record.pid, pid_start=record.pid_start)
+
+
+def from_registry(record: registry.Record) -> SessionRecord:
+    assert record.sid is not None
+    return SessionRecord(sid=record.sid, host_no=record.host_no or 0, target=record.target,
+                         portal=record.portal_connected or record.portal, isid=record.isid,
+                         pid=record.pid, pid_start=record.pid_start, devices=record.devices)
+
+
+def write_record(record: SessionRecord, **extra: Any) -> Path:
+    return registry.write(to_registry(record, **extra))
 
 
 def read_record(sid: int) -> SessionRecord | None:
-    path = sessions_dir() / f"{sid}.json"
-    try:
-        data = json.loads(path.read_text())
-        data["devices"] = tuple(data.get("devices", ()))
-        return SessionRecord(**data)
-    except (OSError, ValueError, TypeError):
+    record = registry.read(_name(sid))
+    if record is None or record.path != "kernel" or record.sid != sid:
         return None
+    return from_registry(record)
 
 
 def remove_record(sid: int, *, pid: int | None = None) -> None:
     """Drop session ``sid``'s record (only if ``pid`` still owns it, when given)."""
-    record = read_record(sid)
-    if pid is not None and record is not None and record.pid != pid:
-        return
-    with contextlib.suppress(OSError):
-        (sessions_dir() / f"{sid}.json").unlink()
+    registry.remove(_name(sid), pid=pid)
 
 
 def own_record(sid: int, host_no: int, target: str, portal: str, isid: bytes,

@@ -17,6 +17,7 @@ EXIT_LOGIN_REFUSED = 6
 EXIT_PROTOCOL = 7
 EXIT_IO = 8
 EXIT_UNAVAILABLE = 9
+EXIT_SESSION_EXISTS = 15  # iscsiadm's ISCSI_ERR_SESS_EXISTS
 
 
 class IscsiError(Exception):
@@ -93,3 +94,9 @@ class PathUnavailable(IscsiError):
     """The requested data path (kernel iscsi_tcp, FUSE) is missing on this machine."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class SessionExists(IscsiError):
+    """A live session from this initiator name to this target and portal exists already."""
+
+    exit_code = EXIT_SESSION_EXISTS
