@@ -17,9 +17,7 @@ import click
 
 from iscsi_handoff import __version__
 from iscsi_handoff.datapath import FuseOptions
-from iscsi_handoff.hints import report_error
 from iscsi_handoff.login_path import decide, prepare_mountpoint
-from iscsi_handoff.node_login import login_target
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
     PortalType,
@@ -32,9 +30,9 @@ from iscsi_handoff.options import (
     fuse_options_from,
     node_settings_from,
     pop_where,
-    resolve_where,
     where_options,
 )
+from iscsi_handoff.options_login import login_target
 from iscsi_handoff.output import (
     error_json,
     json_mode,
@@ -184,17 +182,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
     finishes I/O, logs out and unmounts.
 
     \b
-    The target: PORTAL IQN, -p PORTAL -T IQN, iscsi://HOST[:PORT]/IQN, or a node
-    record: --node IQN (or -T IQN alone), whose settings stand in for options not
-    typed. --all logs in every node with startup=automatic (the boot unit).
-
-    \b
     Examples:
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN
-      iscsi-handoff login 127.0.0.1:3260 IQN
-      iscsi-handoff login iscsi://127.0.0.1:3260/IQN --json
-      iscsi-handoff login --node IQN
-      iscsi-handoff login --all
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --check
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --fuse /mnt/iscsi --loop
       iscsi-handoff login --portal 127.0.0.1 --target IQN --check \\
@@ -293,52 +282,36 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("mount_args", nargs=-1, metavar="[PORTAL] MOUNTPOINT")
-@click.option("-p", "--portal", "portal_text", metavar="PORTAL",
-              help="host[:port] or iscsi://HOST[:PORT][/IQN] (instead of the argument).")
-@click.option("-T", "--target", "target_text", metavar="IQN",
-              help="Only this target of those listed.")
+@click.argument("portal", type=PortalType())
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @fuse_options
 @auth_options
 @discovery_auth_options
-@click.option("--json", "as_json", is_flag=True,
-              help="Errors and the ready object as JSON.")
-def mount(mount_args: tuple[str, ...], portal_text: str | None, target_text: str | None,
-          as_json: bool, **kw: Any) -> None:
+def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
     MOUNTPOINT/<host>/<target>/storage is each target's first disk LUN,
     lunN/storage every disk LUN. Runs until Ctrl-C or SIGTERM.
-    The SendTargets session authenticates with --discovery-chap-* (none
-    without them); each target's session with --chap-* / --mutual-*. A target
-    that refuses the login is reported on stderr and the rest are mounted.
+    Discovery authenticates with --discovery-chap-* (none without them), each
+    target's session with --chap-*/--mutual-*. A target whose login fails is
+    reported on stderr and the others are mounted.
 
     \b
     Examples:
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi
-      iscsi-handoff mount -p 127.0.0.1:3260 /mnt/iscsi --loop
-      iscsi-handoff mount san1 /mnt/iscsi --discovery-chap-user disc \\
-          --discovery-chap-secret-file disc.secret --chap-user alice --chap-secret-file a.secret
+      iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi --loop
     """
-    if not mount_args:
-        raise ConfigError("mount needs a MOUNTPOINT")
-    where = resolve_where(mount_args[:-1], portal_text, target_text)
-    if where.portal is None:
-        raise ConfigError("which portal? give PORTAL MOUNTPOINT or -p PORTAL MOUNTPOINT")
-    opts = fuse_options_from(kw, Path(mount_args[-1]))
+    opts = fuse_options_from(kw, mountpoint)
     assert opts is not None
     auth = auth_from(kw)
-    credentials, mutual = discovery_auth_from(kw, auth, fall_back=False)
     opts.login_timeout = auth.timeout
-    targets = discover(where.portal, initiator_name=auth.initiator_name,
+    credentials, mutual = discovery_auth_from(kw, auth, fall_back=False)
+    targets = discover(portal, initiator_name=auth.initiator_name,
                        credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
-    if where.target is not None:
-        targets = [t for t in targets if t.name == where.target]
     if not targets:
-        raise ConfigError(f"{where.portal} lists no targets"
-                          + (f" named {where.target}" if where.target else ""))
+        raise ConfigError(f"{portal} lists no targets")
     logins = [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
                                          target_name=t.name, isid=new_isid(),
                                          credentials=auth.credentials, mutual=auth.mutual,
@@ -360,6 +333,8 @@ def usable_logins(logins: list[tuple[Portal, LoginConfig]], *,
                 Exchange(session.connection, session.result).logout(timeout=timeout)
         except IscsiError as exc:
             first = first or exc
+            from iscsi_handoff.hints import report_error
+
             report_error(exc, prefix=f"{config.target_name}: not mounted: ")
             continue
         good.append((portal, config))
@@ -442,7 +417,7 @@ def _run() -> None:
             exc.show()
         sys.exit(exc.exit_code)
     except IscsiError as exc:
-        report_error(exc)
+        _report(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("iscsi-handoff: interrupted", err=True)
@@ -451,6 +426,13 @@ def _run() -> None:
         raise
     except Exception as exc:  # a bug: say so in one line; -v shows where
         _internal(exc)
+
+
+def _report(exc: IscsiError) -> None:
+    """One line with its next step (iscsi_handoff/hints.py), or JSON under --json."""
+    from iscsi_handoff.hints import report_error
+
+    report_error(exc)
 
 
 def _internal(exc: BaseException) -> None:
@@ -464,7 +446,7 @@ def _internal(exc: BaseException) -> None:
 def _run_handled(exc: BaseException) -> None:
     """The same answers as _run gives, for an error that came out of a trio nursery."""
     if isinstance(exc, IscsiError):
-        report_error(exc)
+        _report(exc)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("iscsi-handoff: interrupted", err=True)

@@ -21,7 +21,6 @@ from fallback_fuse.device import LunEntry, TargetEntry
 from fallback_fuse.mount import serve
 from fallback_fuse.tree import Tree, short_name
 from iscsi_handoff.datapath import FuseOptions
-from iscsi_handoff.output import emit_ready
 from userland.errors import ConfigError, PathUnavailable
 from userland.login.machine import LoginConfig
 from userland.lun import DISK, Lun, report_luns
@@ -120,6 +119,8 @@ async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Moun
             depth = loopdev.raise_max_background(opts.mountpoint, opts.queue_depth)
             click.echo(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
     click.echo("serving; Ctrl-C or SIGTERM to finish I/O, log out and unmount")
+    from iscsi_handoff.output import emit_ready  # --json's ready line, READY=1 for systemd
+
     emit_ready({"path": "fuse", "pid": os.getpid(), "mountpoint": str(opts.mountpoint),
                 "targets": [{"target": e.targetname, "host": e.hostname, "ip": e.ip,
                              "luns": [lun.number for lun in e.luns]} for e in entries],

@@ -25,7 +25,6 @@ from typing import Any
 import click
 
 from iscsi_handoff import kernel_owners as owners
-from iscsi_handoff.output import emit_ready
 from kernel_handoff.errors import KernelUnavailable
 from kernel_handoff.handoff import HandoffOptions, KernelSession, handoff
 from kernel_handoff.netlink import IscsiNetlink
@@ -221,8 +220,6 @@ def _announce(keepers: list[Keeper], opts: KernelOptions) -> None:
             for line in session_lines(keeper.session):
                 click.echo(line)
     _status("serving; Ctrl-C or SIGTERM to log out", opts)
-    emit_ready({"path": "kernel", "pid": os.getpid(),
-                "sessions": [session_json(k.session) for k in keepers]}, echo=False)
 
 
 def _status(text: str, opts: KernelOptions) -> None:

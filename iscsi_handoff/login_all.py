@@ -151,7 +151,7 @@ def login_all(*, daemon: bool, as_json: bool, verbose: int) -> None:
         else:
             click.echo("no automatic nodes (make one: iscsi-handoff node update "
                        "--target IQN --set startup=automatic)")
-        notify("READY=1\nSTATUS=no automatic nodes")
+        notify("READY=1", "STATUS=no automatic nodes")
         return
     children = [_start(n, i, daemon=daemon, as_json=as_json, verbose=verbose)
                 for i, n in enumerate(nodes)]
@@ -161,7 +161,7 @@ def login_all(*, daemon: bool, as_json: bool, verbose: int) -> None:
         first_failure = _report(children, daemon=daemon, as_json=as_json)
         serving = [c for c in children if _ok(c, daemon) and not daemon]
         done = len([c for c in children if _ok(c, daemon)])
-        notify(f"READY=1\nSTATUS={done} of {len(children)} nodes logged in")
+        notify("READY=1", f"STATUS={done} of {len(children)} nodes logged in")
         if serving:
             _serve(serving, stop)
     finally:

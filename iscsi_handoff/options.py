@@ -128,7 +128,13 @@ class PortalType(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, Portal):
             return value
         try:
-            portal = parse_portal(str(value))
+            text = str(value)
+            if text.lower().startswith("iscsi://"):  # the portal part of a URL
+                from iscsi_handoff.urls import parse_url
+
+                portal = parse_url(text).portal
+            else:
+                portal = parse_portal(text)
         except ConfigError as exc:
             self.fail(str(exc), param, ctx)
         hints.note(portal=str(portal))

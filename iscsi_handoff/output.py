@@ -110,7 +110,7 @@ def emit_ready(obj: dict[str, Any], *, echo: bool = True) -> None:
     event = {"event": "ready", **obj}
     if _json_mode and echo:
         click.echo(json.dumps(event))
-    notify(f"READY=1\nSTATUS=serving\n{READY_FIELD}={json.dumps(event)}")
+    notify("READY=1", "STATUS=serving", f"{READY_FIELD}={json.dumps(event)}")
 
 
 def error_json(message: str, exit_code: int, kind: str) -> str:

@@ -1,25 +1,29 @@
-"""sd_notify(3) in a few lines: one datagram to $NOTIFY_SOCKET, no library.
+"""systemd's readiness protocol (sd_notify(3)) without libsystemd: one datagram of
+"KEY=value" lines to the AF_UNIX socket named by $NOTIFY_SOCKET ("@" = abstract).
 
-systemd (Type=notify) and `login --all` (which waits for each node's login) both listen.
+A keeper run by the unit (Type=notify) says READY=1 once its disks exist, so units
+ordered after it find them; outside systemd (no $NOTIFY_SOCKET) nothing is sent.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
+log = logging.getLogger("iscsi_handoff.kernel")
 
-def notify(message: str) -> bool:
-    """Send e.g. "READY=1\\nSTATUS=..."; False when nobody listens (not under systemd)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
+
+def notify(*fields: str) -> bool:
+    """Send ``fields`` ("READY=1", "STATUS=...") to systemd; False when not under it."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
         return False
-    if address.startswith("@"):  # Linux abstract namespace
-        address = "\0" + address[1:]
+    address = "\0" + path[1:] if path.startswith("@") else path
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto("\n".join(fields).encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", path, exc.strerror or exc)
         return False
     return True

@@ -65,8 +65,9 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
     mnt = tmp_path / "mnt"
     assert run("node", "update", "-T", f"{IQN}1", "--set", "startup=automatic",
                "--set", f"mountpoint={mnt}").returncode == 0
-    # The other takes the default place (under ISCSI_HANDOFF_RUN_DIR here).
-    assert run("node", "update", "-T", f"{IQN}2", "--set", "startup=automatic").returncode == 0
+    # The other insists on FUSE and names no place: a folder of its own, by the run dir.
+    assert run("node", "update", "-T", f"{IQN}2", "--set", "startup=automatic",
+               "--set", "path=fuse").returncode == 0
     # A record whose target is gone: reported, and its exit code is the command's.
     assert run("node", "update", "-T", f"{IQN}3", "--set", "startup=automatic").returncode == 0
     tgt.delete_target(3)
@@ -103,7 +104,8 @@ def test_discover_save_then_login_all_as_at_boot(tgt: Tgt, tmp_path: Path) -> No
             with open(storage, "rb") as f:  # the bytes tgt holds, through the tree
                 assert f.read(4096).rstrip(b"\0") == target.iqn.encode()
         assert nodes[f"{IQN}1"]["ready"]["mountpoint"] == str(mnt)
-        assert nodes[f"{IQN}2"]["ready"]["mountpoint"] == str(tmp_path / "run" / "fuse")
+        assert nodes[f"{IQN}2"]["ready"]["mountpoint"] == str(
+            tmp_path / "run" / "nodes" / f"{IQN}2,127.0.0.1,{tgt.port}")
         assert proc.poll() is None  # serving
         told = systemd.recv(4096).decode().splitlines()
         assert told[:2] == ["READY=1", "STATUS=2 of 3 nodes logged in"], told
@@ -182,7 +184,7 @@ def test_mount_mounts_what_it_can_and_reports_the_rest(
     tgt.add_target(f"{IQN}shut", chap=("alice", "alice-secret-123"))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "iscsi_handoff", "mount", "-p", tgt.portal,
+    proc = subprocess.Popen([sys.executable, "-m", "iscsi_handoff", "mount", tgt.portal,
                              str(mnt), "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -72,7 +72,7 @@ def apply_node(ctx: click.Context, kw: dict[str, Any], node: Node,
     if path == "kernel":
         kw["force_kernel"] = True
     elif path == "fuse":
-        kw["fuse"] = _prepared(mountpoint)
+        kw["fuse"] = _prepared(mountpoint, node)
         if "loop" not in settings and not _typed(ctx, "loop"):
             kw["loop"] = _loop_by_default(probe)
     elif mountpoint is not None:
@@ -81,7 +81,7 @@ def apply_node(ctx: click.Context, kw: dict[str, Any], node: Node,
 
         report = (probe or probe_paths)()
         if not report.kernel_ok:
-            kw["fuse"] = _prepared(mountpoint)
+            kw["fuse"] = _prepared(mountpoint, node)
             if "loop" not in settings and not _typed(ctx, "loop"):
                 kw["loop"] = bool(report.loop_ok and os.geteuid() == 0)
 
@@ -93,10 +93,29 @@ def _loop_by_default(probe: Callable[[], Any] | None) -> bool:
     return bool(os.geteuid() == 0 and (probe or probe_paths)().loop_ok)
 
 
-def _prepared(mountpoint: Path | None) -> Path:
+def _prepared(mountpoint: Path | None, node: Node) -> Path:
+    """The node's mount point, else a folder of its own beside the default one (two
+    nodes never share one)."""
     from iscsi_handoff.login_path import default_mountpoint, prepare_mountpoint
 
-    return prepare_mountpoint(mountpoint if mountpoint is not None else default_mountpoint())
+    if mountpoint is None:
+        mountpoint = default_mountpoint().parent / "nodes" / node.file_name()[:-len(".conf")]
+    return prepare_mountpoint(mountpoint)
+
+
+LOGIN_HELP = """
+    \b
+    The target: PORTAL IQN, -p PORTAL -T IQN, iscsi://HOST[:PORT]/IQN, or a node
+    record: --node IQN (or -T IQN alone), whose settings stand in for options not
+    typed. --all logs in every node with startup=automatic (the boot unit).
+
+    \b
+    More examples:
+      iscsi-handoff login 127.0.0.1:3260 IQN
+      iscsi-handoff login iscsi://127.0.0.1:3260/IQN --check --json
+      iscsi-handoff login --node IQN
+      iscsi-handoff login --all
+    """
 
 
 def login_target(func: F) -> F:
@@ -155,6 +174,7 @@ def login_target(func: F) -> F:
             kw["chap_user"] = where.url_user
         return func(portal=portal, target_name=where.target, **kw)
 
+    wrapper.__doc__ = (func.__doc__ or "") + LOGIN_HELP
     return _stack(
         where_options,
         click.option("--node", "node_name", metavar="IQN",
