@@ -42,13 +42,7 @@ from iscsi_handoff.output import (
     targets_json,
 )
 from userland.discovery.run import discover
-from userland.errors import (
-    EXIT_INTERNAL,
-    ConfigError,
-    IscsiError,
-    PathUnavailable,
-    TargetNotFoundError,
-)
+from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
@@ -123,6 +117,8 @@ def discover_cmd(as_json: bool, save: bool, **kw: Any) -> None:
                        credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
     if where.target is not None:
+        from userland.errors import TargetNotFoundError
+
         targets = [t for t in targets if t.name == where.target]
         if not targets:
             raise TargetNotFoundError(f"{where.portal} does not list {where.target}")
@@ -285,22 +281,23 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
 @click.argument("portal", type=PortalType())
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @fuse_options
-@auth_options
 @discovery_auth_options
+@auth_options
 def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
     MOUNTPOINT/<host>/<target>/storage is each target's first disk LUN,
     lunN/storage every disk LUN. Runs until Ctrl-C or SIGTERM.
-    Discovery authenticates with --discovery-chap-* (none without them), each
-    target's session with --chap-*/--mutual-*. A target whose login fails is
-    reported on stderr and the others are mounted.
 
     \b
     Examples:
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi --loop
+
+    Discovery authenticates with --discovery-chap-* (none without them), each
+    target's session with --chap-*/--mutual-*. A target whose login fails is
+    reported on stderr and the others are mounted.
     """
     opts = fuse_options_from(kw, mountpoint)
     assert opts is not None
@@ -317,31 +314,8 @@ def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
                                          credentials=auth.credentials, mutual=auth.mutual,
                                          chap_algorithms=auth.chap_algorithms))
               for t in targets]
-    run_fuse(usable_logins(logins, timeout=auth.timeout), opts)
+    run_fuse(trial_login.usable(logins, timeout=auth.timeout), opts)
 
-
-def usable_logins(logins: list[tuple[Portal, LoginConfig]], *,
-                  timeout: float) -> list[tuple[Portal, LoginConfig]]:
-    """Each target tried once (login, logout); the ones that refuse are reported and left
-    out. Nothing usable: the first failure is the command's error."""
-    good: list[tuple[Portal, LoginConfig]] = []
-    first: IscsiError | None = None
-    for portal, config in logins:
-        try:
-            session = do_login(portal, config, timeout=timeout)
-            with session.connection:
-                Exchange(session.connection, session.result).logout(timeout=timeout)
-        except IscsiError as exc:
-            first = first or exc
-            from iscsi_handoff.hints import report_error
-
-            report_error(exc, prefix=f"{config.target_name}: not mounted: ")
-            continue
-        good.append((portal, config))
-    if not good:
-        assert first is not None
-        raise first
-    return good
 
 
 @cli.command(epilog=EPILOG)
@@ -456,7 +430,7 @@ def _run_handled(exc: BaseException) -> None:
     _internal(exc)
 
 
-from iscsi_handoff import cli_kernel, cli_trace, nodes_cli  # noqa: E402  (doctor, session, trace, node)
+from iscsi_handoff import cli_kernel, cli_trace, nodes_cli, trial_login  # noqa: E402  (doctor, session, trace, node)
 
 cli_kernel.register(cli)
 cli_trace.register(cli)
