@@ -100,7 +100,8 @@ def _prepared(mountpoint: Path | None, node: Node) -> Path:
 
     if mountpoint is None:
         mountpoint = default_mountpoint().parent / "nodes" / node.file_name()[:-len(".conf")]
-    return prepare_mountpoint(mountpoint)
+    prepare_mountpoint(mountpoint)
+    return mountpoint
 
 
 LOGIN_HELP = """
