@@ -28,6 +28,7 @@ import click
 from iscsi_handoff.nodes import Node, load_nodes
 from iscsi_handoff.output import READY_FIELD
 from iscsi_handoff.sdnotify import notify
+from userland.errors import EXIT_SESSION_EXISTS
 
 READY_BOUND = 600.0  # seconds a node may take to be ready; each login has its own bounds
 
@@ -117,7 +118,15 @@ def _reason(line: str) -> str:
     return line.removeprefix("iscsi-handoff: ")
 
 
+def _already(child: Child) -> bool:
+    """A live session of ours to it already (exit 15): nothing to do, as iscsiadm's
+    login-all treats it; so a second `login --all` (a restarted unit) is no failure."""
+    return child.code == EXIT_SESSION_EXISTS
+
+
 def _ok(child: Child, daemon: bool) -> bool:
+    if _already(child):
+        return True
     return child.code == 0 if daemon else child.ready is not None and child.code is None
 
 
@@ -135,9 +144,11 @@ def _report(children: list[Child], *, daemon: bool, as_json: bool) -> int:
                      "ok": ok, "exit_code": code,
                      **({"ready": child.ready} if ok and child.ready else {}),
                      **({} if ok else {"error": why})})
+        if ok and _already(child):
+            rows[-1]["already"] = True
         if not as_json:
-            click.echo(f"{child.name}: " + ("logged in" if ok else
-                                            f"FAILED (exit {code}): {why}"))
+            done = "already logged in" if _already(child) else "logged in"
+            click.echo(f"{child.name}: " + (done if ok else f"FAILED (exit {code}): {why}"))
     if as_json:
         click.echo(json.dumps({"event": "ready", "nodes": rows}))
     return first_failure
@@ -159,7 +170,7 @@ def login_all(*, daemon: bool, as_json: bool, verbose: int) -> None:
     try:
         _settle(children, daemon=daemon)
         first_failure = _report(children, daemon=daemon, as_json=as_json)
-        serving = [c for c in children if _ok(c, daemon) and not daemon]
+        serving = [c for c in children if _ok(c, daemon) and not _already(c) and not daemon]
         done = len([c for c in children if _ok(c, daemon)])
         notify("READY=1", f"STATUS={done} of {len(children)} nodes logged in")
         if serving:
