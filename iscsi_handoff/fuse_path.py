@@ -119,6 +119,12 @@ async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Moun
             depth = loopdev.raise_max_background(opts.mountpoint, opts.queue_depth)
             click.echo(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
     click.echo("serving; Ctrl-C or SIGTERM to finish I/O, log out and unmount")
+    from iscsi_handoff.output import emit_ready  # --json's ready line, READY=1 for systemd
+
+    emit_ready({"path": "fuse", "pid": os.getpid(), "mountpoint": str(opts.mountpoint),
+                "targets": [{"target": e.targetname, "host": e.hostname, "ip": e.ip,
+                             "luns": [lun.number for lun in e.luns]} for e in entries],
+                "storage": [str(p) for p in mounted.storage_paths], "loops": mounted.loops})
 
 
 def _size(n: int) -> str:

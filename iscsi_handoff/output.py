@@ -87,3 +87,35 @@ def print_login(result: LoginResult, *, target: str, portal: Portal) -> None:
     rows = [(key, _show(getattr(neg, attr)), neg.chosen_by.get(key, "default"))
             for key, attr in PARAM_KEYS]
     click.echo(table(rows, ("PARAMETER", "VALUE", "CHOSEN BY")))
+
+
+# --json is a mode of the whole process: errors then go to stderr as JSON too.
+_json_mode = False
+
+
+def set_json_mode(on: bool = True) -> None:
+    global _json_mode
+    _json_mode = on
+
+
+def json_mode() -> bool:
+    return _json_mode
+
+
+READY_FIELD = "X_ISCSI_HANDOFF_READY"  # the ready object, for `login --all` listening
+
+
+def emit_ready(obj: dict[str, Any], *, echo: bool = True) -> None:
+    """A serving login is up (disks exist): one JSON line with --json, and READY=1 for
+    systemd (Type=notify) or `login --all`. Human lines were printed before this;
+    ``echo=False`` where the caller printed its JSON already."""
+    from iscsi_handoff.sdnotify import notify
+
+    event = {"event": "ready", **obj}
+    if _json_mode and echo:
+        click.echo(json.dumps(event))
+    notify("READY=1", "STATUS=serving", f"{READY_FIELD}={json.dumps(event)}")
+
+
+def error_json(message: str, exit_code: int, kind: str) -> str:
+    return json.dumps({"error": {"message": message, "exit_code": exit_code, "kind": kind}})
