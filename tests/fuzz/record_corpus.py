@@ -1,4 +1,6 @@
-"""Record the fuzz seed corpus from a real tgtd: ``sudo .venv/bin/python -m tests.fuzz.record_corpus``.
+"""Record the fuzz seed corpus from a real tgtd.
+
+Run as root from the repository root: ``.venv/bin/python -m tests.fuzz.record_corpus``.
 
 Starts a tgtd on 127.0.0.1 (iscsi_handoff.tgtlab), puts a RecordingProxy in front of it,
 and runs this project's own initiator through it: discovery (SendTargets), logins without

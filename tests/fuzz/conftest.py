@@ -1,0 +1,15 @@
+"""The fuzz run's figures, printed at the end of pytest's output for CI's log."""
+
+from __future__ import annotations
+
+import pytest
+
+from .engine import RESULTS
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not RESULTS:
+        return
+    terminalreporter.section("fuzz")
+    for line in RESULTS:
+        terminalreporter.write_line(line)
