@@ -1,4 +1,4 @@
-"""Record the fuzz seed corpus from a real tgtd.
+"""Record the fuzz seed corpus from a real tgtd (or LIO).
 
 Run as root from the repository root: ``.venv/bin/python -m tests.fuzz.record_corpus``.
 
@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from iscsi_handoff.tgtlab import LunSpec, Tgt, unavailable_reason
+from iscsi_handoff import liolab, tgtlab
+from iscsi_handoff.tgtlab import Tgt
 from userland import scsi
 from userland.discovery.run import discover
 from userland.errors import IscsiError
@@ -40,7 +43,7 @@ INITIATOR = "iqn.2026-12.lab.fuzz:initiator"
 PREFIX = "iqn.2026-12.lab.fuzz"
 CHAP = ("fuzz-user", "fuzz-secret-0123")
 MUTUAL = ("fuzz-target", "fuzz-target-secret-4567")
-LUN1 = scsi.int_to_lun(1)
+DISK = {"tgt": scsi.int_to_lun(1), "lio": scsi.int_to_lun(0)}  # tgt's LUN 0 is its controller
 BLOCK = 512
 DIGESTS = {"HeaderDigest": "CRC32C,None", "DataDigest": "CRC32C,None"}
 SMALL = {"MaxRecvDataSegmentLength": "4096", "MaxXmitDataSegmentLength": "4096",
@@ -82,53 +85,53 @@ def _pattern(n: int) -> bytes:
     return bytes((i * 7 + 3) & 0xFF for i in range(n))
 
 
-def _all_commands() -> list[Task]:
+def _all_commands(disk: int) -> list[Task]:
     return [
-        Task(LUN1, scsi.test_unit_ready_cdb()),  # the first one gets UNIT ATTENTION
-        Task(LUN1, scsi.test_unit_ready_cdb()),
+        Task(disk, scsi.test_unit_ready_cdb()),  # the first one gets UNIT ATTENTION
+        Task(disk, scsi.test_unit_ready_cdb()),
         Task(0, scsi.report_luns_cdb(), read_length=4096),
         Task(0, scsi.inquiry_cdb(), read_length=255),  # tgt's controller LUN
-        Task(LUN1, scsi.inquiry_cdb(), read_length=255),
-        *[Task(LUN1, scsi.inquiry_vpd_cdb(page), read_length=255)
+        Task(disk, scsi.inquiry_cdb(), read_length=255),
+        *[Task(disk, scsi.inquiry_vpd_cdb(page), read_length=255)
           for page in (0x00, 0x80, 0x83, 0xB0, 0xB2)],
-        Task(LUN1, scsi.read_capacity10_cdb(), read_length=8),
-        Task(LUN1, scsi.read_capacity16_cdb(), read_length=32),
-        Task(LUN1, scsi.mode_sense10_cdb(), read_length=255),
-        Task(LUN1, scsi.write_cdb(8, 8), write_data=_pattern(8 * BLOCK)),
-        Task(LUN1, scsi.read_cdb(8, 8), read_length=8 * BLOCK),
-        Task(LUN1, scsi.read_cdb(1 << 20, 1), read_length=BLOCK),  # past the end
-        Task(LUN1, scsi.request_sense_cdb(), read_length=252),
-        Task(LUN1, scsi.sync_cache_cdb()),
+        Task(disk, scsi.read_capacity10_cdb(), read_length=8),
+        Task(disk, scsi.read_capacity16_cdb(), read_length=32),
+        Task(disk, scsi.mode_sense10_cdb(), read_length=255),
+        Task(disk, scsi.write_cdb(8, 8), write_data=_pattern(8 * BLOCK)),
+        Task(disk, scsi.read_cdb(8, 8), read_length=8 * BLOCK),
+        Task(disk, scsi.read_cdb(1 << 20, 1), read_length=BLOCK),  # past the end
+        Task(disk, scsi.request_sense_cdb(), read_length=252),
+        Task(disk, scsi.sync_cache_cdb()),
     ]
 
 
-def scenarios() -> dict[str, Scenario]:
+def scenarios(disk: int) -> dict[str, Scenario]:
     def discovery(portal: Portal) -> None:
         discover(portal, initiator_name=INITIATOR)
 
     async def io_plain(portal: Portal) -> None:
-        await _run(portal, _config("plain"), _all_commands(), nop_wait=0.7)
+        await _run(portal, _config("plain"), _all_commands(disk), nop_wait=0.7)
 
     async def io_chap_digests(portal: Portal) -> None:
-        commands = [Task(LUN1, scsi.test_unit_ready_cdb()),
-                    Task(LUN1, scsi.inquiry_cdb(), read_length=255),
-                    Task(LUN1, scsi.read_capacity16_cdb(), read_length=32),
-                    Task(LUN1, scsi.write_cdb(0, 4), write_data=_pattern(4 * BLOCK)),
-                    Task(LUN1, scsi.read_cdb(0, 4), read_length=4 * BLOCK)]
+        commands = [Task(disk, scsi.test_unit_ready_cdb()),
+                    Task(disk, scsi.inquiry_cdb(), read_length=255),
+                    Task(disk, scsi.read_capacity16_cdb(), read_length=32),
+                    Task(disk, scsi.write_cdb(0, 4), write_data=_pattern(4 * BLOCK)),
+                    Task(disk, scsi.read_cdb(0, 4), read_length=4 * BLOCK)]
         await _run(portal, _config("chap", chap=True, header="CRC32C", data="CRC32C"),
                    commands, nop_wait=0.5)
 
     async def io_mutual_header_digest(portal: Portal) -> None:
-        commands = [Task(LUN1, scsi.test_unit_ready_cdb()),
+        commands = [Task(disk, scsi.test_unit_ready_cdb()),
                     Task(0, scsi.report_luns_cdb(), read_length=4096),
-                    Task(LUN1, scsi.read_cdb(0, 2), read_length=2 * BLOCK)]
+                    Task(disk, scsi.read_cdb(0, 2), read_length=2 * BLOCK)]
         await _run(portal, _config("mutual", chap=True, mutual=True, header="CRC32C"),
                    commands)
 
     async def io_small_r2t(portal: Portal) -> None:
-        commands = [Task(LUN1, scsi.test_unit_ready_cdb()),
-                    Task(LUN1, scsi.write_cdb(0, 40), write_data=_pattern(40 * BLOCK)),
-                    Task(LUN1, scsi.read_cdb(0, 24), read_length=24 * BLOCK)]
+        commands = [Task(disk, scsi.test_unit_ready_cdb()),
+                    Task(disk, scsi.write_cdb(0, 40), write_data=_pattern(40 * BLOCK)),
+                    Task(disk, scsi.read_cdb(0, 24), read_length=24 * BLOCK)]
         await _run(portal, _config("small"), commands)
 
     def refused_chap(portal: Portal) -> None:
@@ -147,25 +150,32 @@ def scenarios() -> dict[str, Scenario]:
             "refused-no-chap": refused_no_chap, "refused-unknown": refused_unknown}
 
 
-def _meta(name: str, n: int, version: str) -> dict[str, object]:
-    return {"target": "tgt", "target_version": version, "scenario": name, "connection": n,
+def _meta(kind: str, name: str, n: int, version: str) -> dict[str, object]:
+    return {"target": kind, "target_version": version, "scenario": name, "connection": n,
             "initiator": INITIATOR, "chap": list(CHAP), "mutual": list(MUTUAL),
             "recorded_by": "tests/fuzz/record_corpus.py"}
 
 
-def record(out: Path) -> list[Path]:
+def record(out: Path, kind: str = "tgt") -> list[Path]:
+    """Record every scenario against a fresh tgtd (or LIO, in the VM lab's guest)."""
     written: list[Path] = []
-    with Tgt() as tgt:
-        tgt.add_target(f"{PREFIX}:plain", luns=[LunSpec(size=1 << 20)])
-        tgt.add_target(f"{PREFIX}:chap", luns=[LunSpec(size=1 << 20)], chap=CHAP,
-                       params=DIGESTS)
-        tgt.add_target(f"{PREFIX}:mutual", luns=[LunSpec(size=1 << 20)], chap=CHAP,
-                       mutual=MUTUAL, params=DIGESTS)
-        tgt.add_target(f"{PREFIX}:small", luns=[LunSpec(size=1 << 20)], params=SMALL)
-        version = _tgt_version()
-        with RecordingProxy((tgt.host, tgt.port)) as proxy:
+    lab: Any
+    lun_spec: Any
+    if kind == "tgt":
+        lab, lun_spec, version = Tgt(), tgtlab.LunSpec, _package_version("tgt")
+    else:
+        lab, lun_spec = liolab.Lio(), liolab.LunSpec
+        version = f"kernel {os.uname().release}"
+    with lab:
+        disk = [lun_spec(size=1 << 20)]
+        lab.add_target(f"{PREFIX}:plain", luns=disk)
+        lab.add_target(f"{PREFIX}:chap", luns=disk, chap=CHAP, params=DIGESTS)
+        lab.add_target(f"{PREFIX}:mutual", luns=disk, chap=CHAP, mutual=MUTUAL, params=DIGESTS)
+        lab.add_target(f"{PREFIX}:small", luns=disk, params=SMALL)
+        host, port = lab.portal.rsplit(":", 1)
+        with RecordingProxy((host, int(port))) as proxy:
             portal = Portal.parse(proxy.portal, what="proxy")
-            for name, scenario in scenarios().items():
+            for name, scenario in scenarios(DISK[kind]).items():
                 try:
                     if inspect.iscoroutinefunction(scenario):
                         trio.run(scenario, portal)
@@ -177,7 +187,8 @@ def record(out: Path) -> list[Path]:
                     print(f"{name}: refused as intended: {exc}")
                 trio.run(trio.sleep, 0.2)  # let the proxy see both ends close
                 for n, conn in enumerate(proxy.take()):
-                    rec = Recording(f"tgt-{name}-{n}.seed", _meta(name, n, version), conn)
+                    rec = Recording(f"{kind}-{name}-{n}.seed",
+                                    _meta(kind, name, n, version), conn)
                     path = out / rec.name
                     path.write_text(rec.dump())
                     written.append(path)
@@ -186,8 +197,8 @@ def record(out: Path) -> list[Path]:
     return written
 
 
-def _tgt_version() -> str:
-    proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "tgt"],
+def _package_version(package: str) -> str:
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package],
                           capture_output=True, text=True, check=False)
     return proc.stdout.strip() or "unknown"
 
@@ -195,15 +206,18 @@ def _tgt_version() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=CORPUS_DIR)
+    parser.add_argument("--target", choices=("tgt", "lio"), default="tgt",
+                        help="lio: in the VM lab's guest (scripts/vm/run --exec ...)")
     args = parser.parse_args()
-    why = unavailable_reason()
+    why = (tgtlab.unavailable_reason() if args.target == "tgt"
+           else liolab.unavailable_reason())
     if why:
         print(f"record_corpus: {why}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("tgt-*.seed"):
+    for old in args.out.glob(f"{args.target}-*.seed"):
         old.unlink()
-    record(args.out)
+    record(args.out, args.target)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from userland import scsi, sense
 from userland.discovery.sendtargets import parse_send_targets
 from userland.errors import IscsiError
-from userland.keys import Negotiator, TextAssembler, decode_text
+from userland.keys import Negotiator, TextAssembler, decode_text, parse_number
 from userland.login.chap import ChapExchange, Credentials, Secret
 from userland.login.machine import (
     DISCOVERY_OFFERS,
@@ -234,6 +234,10 @@ def _keys_case(data: bytes, cuts: list[int], discovery: bool, leading: bool,
             exchange = ChapExchange(ours, (5, 7), theirs)
             keys = dict(p)
             exchange.answer_challenge(keys)
+            # 12.1.3: CHAP_I is a number, and 6.1 numbers are decimal or hex constants
+            if parse_number(keys["CHAP_I"]) is None:
+                raise InvariantBroken(f"CHAP_I={keys['CHAP_I']!r} accepted, not an RFC "
+                                      "7143 6.1 number")
             exchange.verify_target(keys)
 
         steps += [negotiate, send_targets, chap]
@@ -370,6 +374,7 @@ def _login_case(config: LoginConfig, challenge: tuple[int, bytes] | None,
         machine = LoginMachine(config)
         request = machine.initial_request()
         request.encode()
+        continued = False
         for resp in responses:
             if not isinstance(resp, LoginResponse):
                 return "not a Login Response"  # login/run.py: a ProtocolError
@@ -377,6 +382,9 @@ def _login_case(config: LoginConfig, challenge: tuple[int, bytes] | None,
                 out = machine.receive(resp)
             except IscsiError as exc:
                 return type(exc).__name__
+            continued = continued or resp.cont
+            if not continued and resp.status_class == 0:
+                _check_no_repeated_key(resp)
             if isinstance(out, LoginRequest):
                 _check_request(out, config)
                 out.encode()
@@ -390,6 +398,15 @@ def _login_case(config: LoginConfig, challenge: tuple[int, bytes] | None,
             _check_result(out)
             return "logged in"
     return "login unfinished"
+
+
+def _check_no_repeated_key(resp: LoginResponse) -> None:
+    """6.3: a key is sent once per negotiation (TargetAddress, 13.8, may repeat)."""
+    keys = [k for k, _ in decode_text(bytes(resp.data)) if k != "TargetAddress"]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise InvariantBroken(f"Login Response accepted with {', '.join(repeated)} twice "
+                              "(RFC 7143 6.3)")
 
 
 def _check_request(req: LoginRequest, config: LoginConfig) -> None:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from userland.errors import IscsiError
 
-from .engine import RESULTS, Stats, fuzz, guards, run_case, signature
+from .engine import RESULTS, RSS_GROWTH_KIB, Stats, fuzz, guards, run_case, signature
 from .known import KNOWN
 from .replay import Replay, load_replay
 from .seeds import load_corpus
@@ -61,6 +61,8 @@ def test_fuzz_target(target_cls: type) -> None:
     RESULTS.extend(stats.outcome_lines())
     print(stats.line())
     assert stats.cases == cases, f"only {stats.cases} of {cases} cases could be made"
+    growth = stats.rss_after_kib - stats.rss_before_kib
+    assert growth <= RSS_GROWTH_KIB, f"max RSS grew by {growth} KiB over the run"
     new = [f for f in stats.findings.values() if f.signature not in KNOWN]
     assert not new, "fuzzing found bugs:\n\n" + _report(stats)
     if stats.findings:
