@@ -43,7 +43,7 @@ from userland.pdu import (
     decode,
 )
 from userland.portal import Portal
-from userland.session import ConnectionFailed, LogoutRequested, Session, TmfDone
+from userland.session import ConnectionFailed, LogoutRequested, Session, TaskDone, TmfDone
 from userland.task import Task
 
 from .mutate import Mutator
@@ -553,6 +553,8 @@ def _session_case(result: LoginResult, events: list[Event], depth: int,
                 session.logout()
             elif isinstance(ev, TmfDone) and ev.response in (0, 1):
                 session.reissue(ev.rtt)
+            elif isinstance(ev, TaskDone):
+                _check_done(ev.task)
         return True
 
     for ev in events:
@@ -609,6 +611,18 @@ def _session_case(result: LoginResult, events: list[Event], depth: int,
         outgoing()
     done = sum(t.done for t in all_tasks)
     return f"script ran: {done}/{len(all_tasks)} tasks done" if all_tasks else "script ran"
+
+
+def _check_done(task: Task) -> None:
+    """A read that ends GOOD holds every byte asked for, less the residual it reports:
+    otherwise the caller is handed bytes the target never sent (SAM-5 5.4.2, RFC 7143
+    11.4.5)."""
+    if task.error is not None or task.status != 0 or not task.read_length:
+        return
+    expected = task.read_length - max(task.residual, 0)
+    if task.received != expected:
+        raise InvariantBroken(f"read of {task.read_length} bytes ended GOOD with "
+                              f"{task.received} bytes received and residual {task.residual}")
 
 
 def _check_session(session: Session, depth: int, tasks: list[Task]) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import pytest
 
 from userland.errors import IscsiError, ProtocolError
-from userland.keys import encode_text
+from userland.keys import Negotiator, encode_text
 from userland.login.chap import ChapExchange, Credentials, Secret, encode_binary
-from userland.login.machine import LoginConfig, LoginMachine
-from userland.pdu import LoginRequest, LoginResponse, Stage
+from userland.login.machine import LoginConfig, LoginMachine, LoginResult
+from userland.pdu import DataIn, LoginRequest, LoginResponse, ScsiResponse, Stage
+from userland.scsi import read_cdb
+from userland.session import ConnectionFailed, Event, Session, TaskDone
+from userland.task import Task
 
 INITIATOR = "iqn.2026-12.lab.fuzz:initiator"
 TARGET = "iqn.2026-12.lab.fuzz:chap"
@@ -68,3 +71,43 @@ def test_chap_identifier_must_be_an_rfc_number(identifier: str) -> None:
     keys = {"CHAP_A": "5", "CHAP_I": identifier, "CHAP_C": CHALLENGE}
     with pytest.raises(IscsiError):
         exchange.answer_challenge(keys)
+
+
+def _read_session() -> tuple[Session, Task]:
+    neg = Negotiator().result()
+    session = Session(LoginResult(negotiated=neg, isid=ISID, tsih=1, cid=0, cmd_sn=10,
+                                  exp_stat_sn=100, max_cmd_sn=40, auth_method="None"))
+    task = Task(lun=1 << 48, cdb=read_cdb(0, 1), read_length=512)
+    session.submit(task)
+    session.take_outgoing()
+    return session, task
+
+
+def _ended_good_without_data(events: list[Event], task: Task) -> bool:
+    done = any(isinstance(e, TaskDone) for e in events)
+    failed = any(isinstance(e, ConnectionFailed) for e in events)
+    return done and not failed and task.error is None and task.status == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "userland/session.py Session._response: a SCSI Response GOOD with no Data-In and no "
+    "underflow residual completes a 512-byte read, handing the caller 512 zero bytes "
+    "the target never sent (RFC 7143 11.4.5.2; issue 10, 'every field a target sends is "
+    "checked against what we asked')"))
+def test_read_ending_good_without_its_data_is_refused() -> None:
+    session, task = _read_session()
+    events = session.receive(ScsiResponse(itt=task.itt, status=0, stat_sn=100,
+                                          exp_cmd_sn=11, max_cmd_sn=41), now=0.0)
+    assert not _ended_good_without_data(events, task), "read of 512 bytes took 0 as GOOD"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "userland/session.py Session._data_in: a final Data-In with status GOOD after 256 of "
+    "512 bytes, without the U bit and residual, completes the read as a success (RFC 7143 "
+    "11.7.5; issue 10)"))
+def test_short_data_in_with_good_status_and_no_residual_is_refused() -> None:
+    session, task = _read_session()
+    events = session.receive(DataIn(itt=task.itt, data_sn=0, buffer_offset=0,
+                                    data=bytes(256), final=True, has_status=True,
+                                    stat_sn=100, exp_cmd_sn=11, max_cmd_sn=41), now=0.0)
+    assert not _ended_good_without_data(events, task), "read of 512 bytes took 256 as GOOD"
