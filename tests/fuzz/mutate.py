@@ -129,12 +129,12 @@ class Mutator:
             elif op == 5 and pairs:  # the key renamed
                 i = r.randrange(len(pairs))
                 pairs[i] = r.choice(KEYS).encode() + b"=" + pairs[i].partition(b"=")[2]
-            elif op == 6 and pairs:  # the '=' or the NUL separator lost
+            elif op == 6 and pairs and r.random() < 0.5:  # the '=' lost, or a NUL more
                 i = r.randrange(len(pairs))
                 pairs[i] = pairs[i].replace(b"=", b"", 1) if r.random() < 0.5 \
                     else pairs[i] + b"\0"
         out = b"\0".join(pairs) + (b"\0" if pairs and r.random() < 0.9 else b"")
-        if r.random() < 0.2:
+        if r.random() < 0.1:
             out = self.bytes_(out, rounds=1)
         return out
 

@@ -18,7 +18,7 @@ from typing import Any
 from userland import scsi, sense
 from userland.discovery.sendtargets import parse_send_targets
 from userland.errors import IscsiError
-from userland.keys import Negotiator, TextAssembler, decode_text, parse_number
+from userland.keys import Negotiator, TextAssembler, decode_text, encode_text, parse_number
 from userland.login.chap import ChapExchange, Credentials, Secret
 from userland.login.machine import (
     DISCOVERY_OFFERS,
@@ -29,10 +29,13 @@ from userland.login.machine import (
     Redirected,
 )
 from userland.pdu import (
+    R2T,
     RESERVED_TAG,
+    AsyncMessage,
     LoginRequest,
     LoginResponse,
     LogoutRequest,
+    NopIn,
     NopOut,
     Pdu,
     PduReader,
@@ -40,6 +43,7 @@ from userland.pdu import (
     ScsiCommand,
     ScsiResponse,
     TaskMgmtRequest,
+    TaskMgmtResponse,
     decode,
 )
 from userland.portal import Portal
@@ -180,7 +184,7 @@ class KeysTarget:
         m = Mutator(rng, self.seeds)
         data = rng.choice(self.seeds)
         for _ in range(rng.choice((1, 1, 2, 3))):
-            data = m.text(data) if rng.random() < 0.8 else m.bytes_(data)
+            data = m.text(data) if rng.random() < 0.9 else m.bytes_(data)
         cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(4)))
         discovery = rng.random() < 0.3
         leading = rng.random() < 0.9
@@ -319,8 +323,13 @@ class LoginTarget:
 
     def __init__(self, replays: list[Replay]) -> None:
         self.seeds = [r for r in replays if r.config is not None and r.target_login()]
-        self.pool = [w.pdu for r in self.seeds for w in r.wires
-                     if isinstance(w.pdu, LoginResponse)]
+        self.pool: list[Pdu] = [w.pdu for r in self.seeds for w in r.wires
+                                if isinstance(w.pdu, LoginResponse)]
+        # Redirects, which no recorded login held (status class 1, RFC 7143 11.13.5).
+        self.pool += [LoginResponse(status_class=1, status_detail=d, stat_sn=0,
+                                    data=encode_text([("TargetAddress", a)]))
+                      for d, a in ((1, "127.0.0.1:3261,1"), (2, "[::1]:3260"),
+                                   (1, "example.invalid"))]
 
     def make(self, rng: random.Random) -> Case | None:
         m = Mutator(rng, [])
@@ -445,6 +454,7 @@ class SessionTarget:
             script = _script(r)
             self.seeds.append((r, script))
             self.pool += [e for e in script if e[0] == "pdu"]
+        self.pool += [("pdu", p) for p in _synthetic_ffp()]
 
     def make(self, rng: random.Random) -> Case | None:
         m = Mutator(rng, [])
@@ -482,6 +492,27 @@ class SessionTarget:
         return Case(self.name, lambda: f"replay={replay.name} depth={depth} restart={restart} "
                     f"events={_describe_events(events)}", run,
                     sum(len(e[1].data) + 48 for e in events if e[0] == "pdu"))
+
+
+def _synthetic_ffp() -> list[Pdu]:
+    """What no recorded exchange held but a target may send: Async events, a target
+    ping, Rejects, TMF answers, an R2T and a NOP-In out of the blue. ITT 1 is the first
+    command of a script, as recorded."""
+    sn: Any = {"stat_sn": 2, "exp_cmd_sn": 2, "max_cmd_sn": 40}
+    command = ScsiCommand(itt=1, cmd_sn=1).encode_bhs()
+    out: list[Pdu] = [AsyncMessage(async_event=e, parameter1=p1, parameter2=2,
+                                   parameter3=p3, **sn)
+                      for e, p1, p3 in ((0, 0, 0), (1, 0, 5), (1, 0, 0), (2, 1, 2),
+                                        (3, 0, 2), (4, 0, 0), (5, 0, 0), (255, 9, 9))]
+    out.append(AsyncMessage(async_event=0, data=b"\0\x12" + bytes([0x70, 0, 6]) + bytes(15),
+                            **sn))
+    out += [Reject(reason=r, data=command, **sn) for r in (0x04, 0x05, 0x06, 0x09)]
+    out += [NopIn(ttt=7, itt=RESERVED_TAG, data=b"ping", **sn),
+            NopIn(ttt=RESERVED_TAG, itt=RESERVED_TAG, **sn),
+            TaskMgmtResponse(itt=2, response=0, **sn),
+            R2T(itt=1, ttt=5, r2t_sn=0, buffer_offset=0, desired_data_transfer_length=512,
+                **sn)]
+    return out
 
 
 def _describe_events(events: list[Event]) -> list[str]:

@@ -59,6 +59,8 @@ def test_fuzz_target(target_cls: type) -> None:
     stats = fuzz(target, cases, SEED)
     RESULTS.append(stats.line())
     RESULTS.extend(stats.outcome_lines())
+    RESULTS.extend(f"    known finding ({f.count} cases): {f.signature}, see {KNOWN[f.signature]}"
+                   for f in stats.findings.values() if f.signature in KNOWN)
     print(stats.line())
     assert stats.cases == cases, f"only {stats.cases} of {cases} cases could be made"
     growth = stats.rss_after_kib - stats.rss_before_kib
