@@ -22,4 +22,9 @@ KNOWN: dict[str, str] = {
     "InvariantBroken at tests/fuzz/targets.py:_check_done":
         "test_regressions.py::test_read_ending_good_without_its_data_is_refused, "
         "test_regressions.py::test_short_data_in_with_good_status_and_no_residual_is_refused",
+    # userland/lun.py _vpd and report_luns: lengths from the target go straight into
+    # inquiry_vpd_cdb/report_luns_cdb, whose range checks raise ValueError. Issue 10.
+    "ValueError at userland/scsi.py:_check":
+        "test_regressions.py::test_vpd_page_length_beyond_any_inquiry_is_a_project_error, "
+        "test_regressions.py::test_report_luns_length_beyond_any_allocation_is_a_project_error",
 }

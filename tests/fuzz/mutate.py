@@ -15,8 +15,9 @@ from typing import Any
 from userland.pdu import Pdu
 
 INTERESTING8 = (0, 1, 0x7F, 0x80, 0xFF, 0x40, 0x3F, 0x20)
-INTERESTING32 = (0, 1, 2, 3, 4, 8, 47, 48, 49, 255, 256, 511, 512, 4096, 8191, 8192, 65535,
-                 65536, 0xFFFFFF, 0x1000000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF)
+INTERESTING32 = (0, 1, 2, 3, 4, 8, 47, 48, 49, 255, 256, 511, 512, 4096, 8191, 8192, 65532,
+                 65535, 65536, 0xFFFFFF, 0x1000000, 0x7FFFFFF8, 0x7FFFFFFF, 0x80000000,
+                 0xFFFFFFF8, 0xFFFFFFFE, 0xFFFFFFFF)
 INTERESTING64 = (0, 1, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
 # Values a target might put in a key: edge numbers, every constant of 6.1/6.2, junk.
 VALUES = ("", "0", "1", "-1", "00", "0x", "0x0", "0X10", "0b", "0b101", "0bAAAA", "0xZZ",

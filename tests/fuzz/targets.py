@@ -293,7 +293,8 @@ def _scsi_case(data: bytes, status: int) -> None:
             for d in result.designators:
                 d.text()
         elif isinstance(result, scsi.ReportLuns):
-            _ = result.truncated, result.needed_length
+            if result.truncated:  # userland/lun.py asks again for the whole list
+                scsi.report_luns_cdb(result.needed_length)
             for lun in result.luns[:16]:
                 _ = lun.field
                 with contextlib.suppress(IscsiError):
@@ -306,6 +307,9 @@ def _scsi_case(data: bytes, status: int) -> None:
             sense.is_retryable(result)
         elif isinstance(result, scsi.Inquiry):
             _ = result.present
+        elif (parser is scsi.vpd_total_length and isinstance(result, int)
+              and len(data) > 1 and result > len(data)):
+            scsi.inquiry_vpd_cdb(data[1], result)  # as userland/lun.py _vpd asks again
     try:
         if not sense.status_ok(status):
             str(sense.status_error(status, data))

@@ -6,8 +6,13 @@ strict xfail fails the run, and the marker goes (with its line in known.py).
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+from typing import Any, cast
 
+import pytest
+import trio
+
+from userland import lun as lun_module
 from userland.errors import IscsiError, ProtocolError
 from userland.keys import Negotiator, encode_text
 from userland.login.chap import ChapExchange, Credentials, Secret, encode_binary
@@ -111,3 +116,52 @@ def test_short_data_in_with_good_status_and_no_residual_is_refused() -> None:
                                     data=bytes(256), final=True, has_status=True,
                                     stat_sn=100, exp_cmd_sn=11, max_cmd_sn=41), now=0.0)
     assert not _ended_good_without_data(events, task), "read of 512 bytes took 256 as GOOD"
+
+
+class _Answers:
+    """Stands in for SessionRunner.execute in lun.py: each command gets the next canned
+    Data-In with status GOOD; what each command asked to read is kept."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+        self.read_lengths: list[int] = []
+
+    async def execute(self, task: Task) -> Task:
+        self.read_lengths.append(task.read_length)
+        data = self.answers.pop(0)[:task.read_length]
+        task.data = bytearray(data)
+        task.status, task.residual = 0, task.read_length - len(data)
+        return task
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "userland/lun.py Lun._vpd: a VPD page length of 0xFFFD from the target makes "
+    "vpd_total_length 65537 and inquiry_vpd_cdb(page, 65537) raises ValueError, outside "
+    "the error tree (issue 10: 'VPD lengths from the target ... raise ValueError')"))
+def test_vpd_page_length_beyond_any_inquiry_is_a_project_error() -> None:
+    runner = _Answers(b"\0\x83\xff\xfd" + bytes(251))
+    lun = lun_module.Lun(cast(Any, runner), 1)
+    with pytest.raises(IscsiError):
+        trio.run(lun._vpd, 0x83)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "userland/lun.py report_luns: a LUN list length of 0xFFFFFFF8 makes needed_length "
+    "2**32 and report_luns_cdb raises ValueError, outside the error tree (issue 10)"))
+def test_report_luns_length_beyond_any_allocation_is_a_project_error() -> None:
+    runner = _Answers((0xFFFFFFF8).to_bytes(4, "big") + bytes(4) + bytes(16))
+    with pytest.raises(IscsiError):
+        trio.run(lun_module.report_luns, cast(Any, runner))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "userland/lun.py report_luns: a LUN list length of 0x7FFFFFF8 from the target becomes "
+    "the read length of the second REPORT LUNS, so the session allocates a 2 GiB buffer "
+    "(Session.submit) on the target's word (issue 10: 'memory bounded by configuration, "
+    "not by the target')"))
+def test_report_luns_length_from_target_does_not_size_an_allocation() -> None:
+    header = (0x7FFFFFF8).to_bytes(4, "big") + bytes(4)
+    runner = _Answers(header + bytes(4088), header + bytes(4088))
+    with contextlib.suppress(IscsiError):  # refusing the answer is one right outcome
+        trio.run(lun_module.report_luns, cast(Any, runner))
+    assert max(runner.read_lengths) <= 16 << 20, f"asked to read {runner.read_lengths} bytes"
