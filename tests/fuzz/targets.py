@@ -32,6 +32,7 @@ from userland.pdu import (
     R2T,
     RESERVED_TAG,
     AsyncMessage,
+    DataIn,
     LoginRequest,
     LoginResponse,
     LogoutRequest,
@@ -257,6 +258,20 @@ def _keys_case(data: bytes, cuts: list[int], discovery: bool, leading: bool,
 
 # -- SCSI parsers ------------------------------------------------------------------------------
 
+# What neither tgt nor LIO sent in the recordings: descriptor-format sense with an
+# Information descriptor (SPC-4 4.5.2), and a VPD 0x83 page with EUI-64, NAA 16-byte,
+# SCSI name string and T10 vendor designators.
+SCSI_SYNTHETIC = [
+    bytes([0x72, 0x05, 0x24, 0x00, 0, 0, 0, 0x0C, 0x00, 0x0A, 0x80, 0])
+    + (1 << 40).to_bytes(8, "big"),
+    bytes([0x73, 0x03, 0x11, 0x00, 0, 0, 0, 0x00]),
+    bytes([0x00, 0x83, 0x00, 0x44])
+    + bytes([0x01, 0x02, 0x00, 0x08]) + bytes(range(8))
+    + bytes([0x01, 0x03, 0x00, 0x10]) + bytes(range(16))
+    + bytes([0x03, 0x08, 0x00, 0x10]) + b"iqn.2026-12.x:y\0"
+    + bytes([0x02, 0x01, 0x00, 0x0C]) + b"VENDOR  id01",
+]
+
 PARSERS: tuple[Callable[[bytes], object], ...] = (
     scsi.parse_inquiry, scsi.vpd_total_length, scsi.parse_vpd_supported_pages,
     scsi.parse_vpd_serial, scsi.parse_vpd_device_id, scsi.parse_vpd_block_limits,
@@ -269,7 +284,7 @@ class ScsiTarget:
     name = "scsi-parsers"
 
     def __init__(self, replays: list[Replay]) -> None:
-        self.seeds = [payload for _, _, payload in scsi_payloads(replays)]
+        self.seeds = [payload for _, _, payload in scsi_payloads(replays)] + SCSI_SYNTHETIC
 
     def make(self, rng: random.Random) -> Case | None:
         m = Mutator(rng, self.seeds)
@@ -489,11 +504,21 @@ class SessionTarget:
         depth = rng.choice((1, 2, 32))
         restart = rng.random() < 0.5
         result = replay.login_result
+        if rng.random() < 0.3:  # what another target might have agreed to at login
+            neg = replace(result.negotiated, initial_r2t=rng.random() < 0.5,
+                          immediate_data=rng.random() < 0.5,
+                          first_burst_length=rng.choice((512, 4096, 65536)),
+                          max_burst_length=rng.choice((512, 8192, 262144)),
+                          max_xmit_data_segment_length=rng.choice((512, 4096, 262144)),
+                          data_pdu_in_order=rng.random() < 0.8)
+            result = replace(result, negotiated=neg)
+        placed = rng.random() < 0.5
 
         def run() -> str:
-            return _session_case(result, events, depth, restart)
+            return _session_case(result, events, depth, restart, placed)
 
         return Case(self.name, lambda: f"replay={replay.name} depth={depth} restart={restart} "
+                    f"placed={placed} negotiated={result.negotiated} "
                     f"events={_describe_events(events)}", run,
                     sum(len(e[1].data) + 48 for e in events if e[0] == "pdu"))
 
@@ -513,7 +538,8 @@ def _synthetic_ffp() -> list[Pdu]:
     out += [Reject(reason=r, data=command, **sn) for r in (0x04, 0x05, 0x06, 0x09)]
     out += [NopIn(ttt=7, itt=RESERVED_TAG, data=b"ping", **sn),
             NopIn(ttt=RESERVED_TAG, itt=RESERVED_TAG, **sn),
-            TaskMgmtResponse(itt=2, response=0, **sn),
+            TaskMgmtResponse(itt=TMF_TAG, response=0, **sn),
+            TaskMgmtResponse(itt=TMF_TAG, response=5, **sn),
             R2T(itt=1, ttt=5, r2t_sn=0, buffer_offset=0, desired_data_transfer_length=512,
                 **sn)]
     return out
@@ -553,8 +579,11 @@ def _script(replay: Replay) -> list[Event]:
     return events
 
 
+TMF_TAG = 0x7EEEEEEE  # the ITT synthetic TMF responses carry: our last abort's ITT
+
+
 def _session_case(result: LoginResult, events: list[Event], depth: int,
-                  restart: bool) -> str:
+                  restart: bool, placed: bool = False) -> str:
     session = Session(result, queue_depth=depth, nop_interval=5.0, nop_timeout=5.0, now=0.0)
     params = session.params
     hd, dd = params.header_digest == "CRC32C", params.data_digest == "CRC32C"
@@ -579,7 +608,13 @@ def _session_case(result: LoginResult, events: list[Event], depth: int,
             itt = fixed[itt]
         if itt != pdu.itt:
             pdu = replace(pdu, itt=itt)
-        for ev in session.receive(pdu, now):
+        put = False
+        if placed and isinstance(pdu, DataIn):  # as the transport receives in place
+            view = session.data_in_buffer(pdu.itt, pdu.buffer_offset, len(pdu.data))
+            if view is not None:
+                view[:] = pdu.data
+                put = True
+        for ev in session.receive(pdu, now, placed=put):
             if isinstance(ev, ConnectionFailed):
                 if not restart:
                     return False
@@ -635,6 +670,10 @@ def _session_case(result: LoginResult, events: list[Event], depth: int,
         elif kind == "abort" and session.tasks:
             live = list(session.tasks.values())
             session.abort(live[ev[1] % len(live)])
+            for pdu in outgoing():
+                if isinstance(pdu, TaskMgmtRequest):
+                    fixed[TMF_TAG] = pdu.itt
+            continue
         elif kind == "reissue" and session.tasks:
             session.reissue(next(iter(session.tasks)))
         elif kind == "restart":
