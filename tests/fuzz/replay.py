@@ -72,10 +72,8 @@ def _split_stream(data: bytes, allowed: frozenset[int], login_pdus: int | None,
     out: list[tuple[bytes, Pdu]] = []
     pos = 0
     while pos < len(data):
-        on = login_pdus is not None and len(out) >= login_pdus
         reader = PduReader(allowed=allowed)
-        reader.header_digest = reader.data_digest = False
-        if on:
+        if login_pdus is not None and len(out) >= login_pdus:
             reader.header_digest, reader.data_digest = header, datad
         if pos + 48 > len(data):
             break
@@ -117,7 +115,7 @@ def _digests(target_login: list[tuple[bytes, Pdu]]) -> tuple[bool, bool]:
         if pdu.data:
             try:
                 keys.update(decode_text(bytes(pdu.data)))
-            except Exception:
+            except IscsiError:
                 continue
     return keys.get("HeaderDigest") == "CRC32C", keys.get("DataDigest") == "CRC32C"
 
@@ -207,7 +205,7 @@ def _replay_login(replay: Replay) -> LoginResult | None:
         for resp in replay.target_login():
             try:
                 out = machine.receive(resp)
-            except Exception as exc:
+            except IscsiError as exc:  # a refused login ends here, as recorded
                 replay.problems.append(f"{type(exc).__name__}: {exc}")
                 return None
             if isinstance(out, LoginResult):

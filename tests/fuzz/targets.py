@@ -93,8 +93,8 @@ class DecoderTarget:
     name = "pdu-decoder"
 
     def __init__(self, replays: list[Replay]) -> None:
-        # (raw PDUs as recorded, header digest, data digest) per direction and phase
-        self.seeds: list[tuple[list[bytes], list[Pdu], bool, bool]] = []
+        # (raw PDUs as recorded, decoded, header digest, data digest, initiator's side)
+        self.seeds: list[tuple[list[bytes], list[Pdu], bool, bool, bool]] = []
         for r in replays:
             for direction in (TO_INITIATOR, TO_TARGET):
                 for login in (True, False):
@@ -102,12 +102,13 @@ class DecoderTarget:
                     if ws:
                         on = not login
                         self.seeds.append(([w.raw for w in ws], [w.pdu for w in ws],
-                                           on and r.header_digest, on and r.data_digest))
+                                           on and r.header_digest, on and r.data_digest,
+                                           direction == TO_TARGET))
         self.pool = [b"".join(s[0]) for s in self.seeds]
 
     def make(self, rng: random.Random) -> Case | None:
         m = Mutator(rng, self.pool)
-        raws, pdus, hd, dd = rng.choice(self.seeds)
+        raws, pdus, hd, dd, initiators = rng.choice(self.seeds)
         if rng.random() < 0.5:  # bytes, digests as recorded
             stream = m.bytes_(b"".join(raws), boundaries=_boundaries(raws))
         else:  # fields, re-encoded (digests right), sometimes bytes on top
@@ -123,7 +124,9 @@ class DecoderTarget:
             if encoded is None:
                 return None
             stream = m.bytes_(encoded, rounds=1) if rng.random() < 0.3 else encoded
-        allowed = rng.random() < 0.9
+        # Our PduReader takes target opcodes only; the initiator's side of a recording
+        # goes through with every opcode allowed, as a target would decode it.
+        allowed = not initiators and rng.random() < 0.9
         max_dsl = rng.choice((8192, 262144, (1 << 24) - 1))
         # Feeding in small pieces finds split-header bugs; a long stream goes in bigger ones.
         chunk = max(rng.choice((1, 7, 48, 49, 4096, 1 << 20)), len(stream) // 64)
