@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .engine import RESULTS
+from .engine import RESULTS, RUNS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -13,3 +13,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("fuzz")
     for line in RESULTS:
         terminalreporter.write_line(line)
+    cases, seconds = sum(n for n, _ in RUNS), sum(t for _, t in RUNS)
+    terminalreporter.write_line(f"fuzz: {cases} cases in {seconds:.1f} s "
+                                f"({len(RUNS)} targets)")

@@ -40,7 +40,8 @@ TRACE_EVERY = 8  # cases between two traced ones; the address-space limit covers
 RSS_GROWTH_KIB = 256 << 10  # max RSS may grow by this much over one target's run
 ADDRESS_SPACE_HEADROOM = 2 << 30
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS: list[str] = []  # one line per fuzzed target, for the terminal summary
+RESULTS: list[str] = []  # lines per fuzzed target, for the terminal summary
+RUNS: list[tuple[int, float]] = []  # (cases, seconds) per fuzzed target, for the total
 
 
 class Hang(BaseException):

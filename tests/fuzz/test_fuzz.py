@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from userland.errors import IscsiError
 
-from .engine import RESULTS, RSS_GROWTH_KIB, Stats, fuzz, guards, run_case, signature
+from .engine import RESULTS, RSS_GROWTH_KIB, RUNS, Stats, fuzz, guards, run_case, signature
 from .known import KNOWN
 from .replay import Replay, load_replay
 from .seeds import load_corpus
@@ -58,6 +58,7 @@ def test_fuzz_target(target_cls: type) -> None:
     cases = max(1, round(TOTAL_CASES * WEIGHTS[target.name]))
     stats = fuzz(target, cases, SEED)
     RESULTS.append(stats.line())
+    RUNS.append((stats.cases, stats.seconds))
     RESULTS.extend(stats.outcome_lines())
     RESULTS.extend(f"    known finding ({f.count} cases): {f.signature}, see {KNOWN[f.signature]}"
                    for f in stats.findings.values() if f.signature in KNOWN)
