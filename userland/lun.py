@@ -23,7 +23,6 @@ log = logging.getLogger("iscsi_handoff.scsi")
 RETRIES = 5
 DEFAULT_MAX_TRANSFER = 8 << 20  # when the target states no limit (VPD B0)
 DISK = 0x00  # SCSI peripheral device type: direct-access block device
-MAX_VPD_LENGTH = 0xFFFF  # INQUIRY's allocation length is 16 bits (SPC-4 6.6.1)
 
 
 @dataclass
@@ -110,15 +109,18 @@ class Lun:
         return frozenset(scsi.parse_vpd_supported_pages(data).pages)
 
     async def _vpd(self, page: int) -> bytes:
-        task = await self.command(scsi.inquiry_vpd_cdb(page), read_length=255)
-        data = bytes(task.data[:255 - max(task.residual, 0)])
-        # A long page (0x83 on some targets): ask for all of it, within the 16-bit
-        # allocation length; a page claiming more is refused by the parser below.
-        need = min(scsi.vpd_total_length(data), MAX_VPD_LENGTH)
+        data = await self._inquiry_vpd(page, 255)
+        # A long page (0x83 on some targets): ask for all of it. vpd_total_length refuses
+        # a length beyond INQUIRY's 16 bits, so the target cannot size more than 64 KiB.
+        need = scsi.vpd_total_length(data)
         if need > len(data):
-            task = await self.command(scsi.inquiry_vpd_cdb(page, need), read_length=need)
-            data = bytes(task.data)
+            data = await self._inquiry_vpd(page, need)
         return data
+
+    async def _inquiry_vpd(self, page: int, length: int) -> bytes:
+        task = await self.command(scsi.inquiry_vpd_cdb(page, length), read_length=length)
+        # What the target sent, not the zeros past it: the parsers check the page length.
+        return bytes(task.data[:max(length - max(task.residual, 0), 0)])
 
     async def _capacity(self) -> None:
         try:

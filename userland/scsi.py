@@ -275,10 +275,17 @@ def parse_inquiry(buf: Buffer) -> Inquiry:
 
 @from_target
 def vpd_total_length(buf: Buffer) -> int:
-    """Bytes the whole VPD page takes (header included): the allocation length to ask."""
+    """Bytes the whole VPD page takes (header included): the allocation length to ask.
+
+    INQUIRY's allocation length is 16 bits (SPC-4 6.6.1): a page longer than that can
+    never be read whole, so it is refused here rather than sizing the next request."""
     data = bytes(buf)
     _need(data, 4, "VPD page header")
-    return 4 + int.from_bytes(data[2:4], "big")
+    total = 4 + int.from_bytes(data[2:4], "big")
+    if total > _U16:
+        raise ProtocolError(f"VPD page 0x{data[1]:02x}: page length {total - 4} is beyond "
+                            f"the {_U16} bytes an INQUIRY can return")
+    return total
 
 
 def _vpd(buf: Buffer, page: int, minimum: int) -> bytes:
