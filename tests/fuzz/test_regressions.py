@@ -1,7 +1,8 @@
 """Minimal reproducers of what the fuzzer found, one test each.
 
 Each is a strict xfail while the bug stands: when the owner fixes it, the test passes,
-strict xfail fails the run, and the marker goes (with its line in known.py).
+strict xfail fails the run, and the marker goes (with its line in known.py); the test
+stays, as a regression test.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ISID = bytes.fromhex("80d19ea53fb0")
 OURS = Credentials("fuzz-user", Secret(b"fuzz-secret-0123"))
 CHALLENGE = encode_binary(bytes(range(16)))
 OTHER_CHALLENGE = encode_binary(bytes(range(16, 32)))
+FIRST_TPGT = b"TargetPortalGroupTag=1\0"  # a first Login Response must carry it (13.9)
 
 
 def _chap_machine() -> LoginMachine:
@@ -42,36 +44,30 @@ def _response(text: bytes, stat_sn: int) -> LoginResponse:
                          exp_cmd_sn=1, max_cmd_sn=1, data=text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/login/machine.py LoginMachine._security: `keys = dict(pairs)` keeps the last "
-    "of two AuthMethod keys in one Login Response instead of refusing it (RFC 7143 6.3; "
-    "issue 10, 'repeated keys ... collapsed silently')"))
 def test_repeated_auth_method_refused() -> None:
+    """Two AuthMethod keys in one Login Response are refused, not collapsed (RFC 7143 6.3)."""
     machine = _chap_machine()
-    with pytest.raises(ProtocolError):
-        machine.receive(_response(b"AuthMethod=CHAP\0AuthMethod=CHAP\0", 0))
+    with pytest.raises(ProtocolError, match="AuthMethod twice"):
+        machine.receive(_response(b"AuthMethod=CHAP\0AuthMethod=CHAP\0" + FIRST_TPGT, 0))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/login/machine.py LoginMachine._security: `keys = dict(pairs)` lets a second "
-    "CHAP_C (and CHAP_I, CHAP_A) in one Login Response silently replace the first, and "
-    "the initiator answers whichever came last (RFC 7143 6.3; issue 10)"))
 def test_repeated_chap_challenge_refused() -> None:
+    """A second CHAP_C in the challenge is refused; the initiator answers neither (6.3).
+
+    The first response carries the portal group tag a first Login Response must (13.9),
+    so the refusal can only come from the repeated CHAP_C."""
     machine = _chap_machine()
-    step = machine.receive(_response(b"AuthMethod=CHAP\0", 0))
+    step = machine.receive(_response(b"AuthMethod=CHAP\0" + FIRST_TPGT, 0))
     assert isinstance(step, LoginRequest)
     challenge = encode_text([("CHAP_A", "5"), ("CHAP_I", "1"), ("CHAP_C", CHALLENGE),
                              ("CHAP_C", OTHER_CHALLENGE)])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="CHAP_C twice"):
         machine.receive(_response(challenge, 1))
 
 
 @pytest.mark.parametrize("identifier", ["00", "0b101", "5_0", " 5", "+5"])
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/login/chap.py ChapExchange.answer_challenge: `int(keys['CHAP_I'], 0)` "
-    "takes Python literals ('00', '0b101', '5_0', ' 5', '+5') that are not RFC 7143 6.1 "
-    "numbers (decimal-constant or hex-constant); issue 10, 'strict CHAP number parsing'"))
 def test_chap_identifier_must_be_an_rfc_number(identifier: str) -> None:
+    """CHAP_I is an RFC 7143 6.1 number, not a Python literal ('00', '0b101', '5_0')."""
     exchange = ChapExchange(OURS, (5,))
     keys = {"CHAP_A": "5", "CHAP_I": identifier, "CHAP_C": CHALLENGE}
     with pytest.raises(IscsiError):
@@ -134,32 +130,36 @@ class _Answers:
         return task
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/lun.py Lun._vpd: a VPD page length of 0xFFFD from the target makes "
-    "vpd_total_length 65537 and inquiry_vpd_cdb(page, 65537) raises ValueError, outside "
-    "the error tree (issue 10: 'VPD lengths from the target ... raise ValueError')"))
 def test_vpd_page_length_beyond_any_inquiry_is_a_project_error() -> None:
+    """A VPD page length of 0xFFFD (65537 bytes in all) is more than INQUIRY's 16-bit
+    allocation length can fetch: a ProtocolError, not a ValueError, and no second ask."""
     runner = _Answers(b"\0\x83\xff\xfd" + bytes(251))
     lun = lun_module.Lun(cast(Any, runner), 1)
-    with pytest.raises(IscsiError):
+    with pytest.raises(ProtocolError, match="page length 65533"):
         trio.run(lun._vpd, 0x83)
+    assert runner.read_lengths == [255]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/lun.py report_luns: a LUN list length of 0xFFFFFFF8 makes needed_length "
-    "2**32 and report_luns_cdb raises ValueError, outside the error tree (issue 10)"))
+def test_vpd_long_page_is_asked_again_whole_and_cut_at_what_came() -> None:
+    """A page longer than the first 255 bytes is asked again at its length; a short
+    second answer is cut at its residual, not padded with zeros the target never sent."""
+    page = b"\0\x83\x01\x2c" + bytes(300)  # 304 bytes in all
+    runner = _Answers(page, page[:200])
+    lun = lun_module.Lun(cast(Any, runner), 1)
+    assert trio.run(lun._vpd, 0x83) == page[:200]
+    assert runner.read_lengths == [255, 304]
+
+
 def test_report_luns_length_beyond_any_allocation_is_a_project_error() -> None:
+    """A LUN list length of 0xFFFFFFF8 (needed_length 2**32) is a ProtocolError."""
     runner = _Answers((0xFFFFFFF8).to_bytes(4, "big") + bytes(4) + bytes(16))
     with pytest.raises(IscsiError):
         trio.run(lun_module.report_luns, cast(Any, runner))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/lun.py report_luns: a LUN list length of 0x7FFFFFF8 from the target becomes "
-    "the read length of the second REPORT LUNS, so the session allocates a 2 GiB buffer "
-    "(Session.submit) on the target's word (issue 10: 'memory bounded by configuration, "
-    "not by the target')"))
 def test_report_luns_length_from_target_does_not_size_an_allocation() -> None:
+    """A LUN list length of 0x7FFFFFF8 never becomes a 2 GiB read buffer (issue 10:
+    'memory bounded by configuration, not by the target')."""
     header = (0x7FFFFFF8).to_bytes(4, "big") + bytes(4)
     runner = _Answers(header + bytes(4088), header + bytes(4088))
     with contextlib.suppress(IscsiError):  # refusing the answer is one right outcome
