@@ -76,12 +76,12 @@ def test_any_split_of_data_in_reassembles(sizes: list[int]) -> None:
 
 def test_data_in_faults_fail_the_command_and_unknown_itts_the_connection() -> None:
     s = Session(login_result())
-    for bad, words in ((lambda t: data_in(t, 1, 0, b"abcd"), "DataSN 1, expected 0"),
-                       (lambda t: data_in(t, 0, 4, b"abcdefgh"), "beyond")):
+    for (sn, offset, data), words in (((1, 0, b"abcd"), "DataSN 1, expected 0"),
+                                      ((0, 4, b"abcdefgh"), "beyond")):
         task = Task(lun=0, cdb=b"\x28", read_length=8)
         s.submit(task)
         s.take_outgoing()
-        [event] = s.receive(bad(task), 0)
+        [event] = s.receive(data_in(task, sn, offset, data), 0)
         assert event == TaskDone(task) and task.error is not None and words in task.error
         [abort] = s.take_outgoing()  # the target is told to forget it
         assert isinstance(abort, TaskMgmtRequest) and abort.rtt == task.itt
