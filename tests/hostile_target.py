@@ -70,8 +70,8 @@ def illegal_request() -> bytes:
 
 
 class HostileTarget(FakeTarget):
-    def __init__(self, mode: str = "none", *, abort_ok: bool = False,
-                 flood: int = 1200) -> None:
+    def __init__(self, mode: str = "none", *, abort_ok: bool = False, flood: int = 1200,
+                 answers: dict[str, str] | None = None) -> None:
         assert mode in MODES, mode
         super().__init__(self._connection)
         self.mode = mode
@@ -84,6 +84,10 @@ class HostileTarget(FakeTarget):
         self.logouts = 0
         self.pings_sent = 0
         self.stopped = threading.Event()
+        self.answers = answers or {}  # login keys answered with these values
+        # Switches a test flips while running:
+        self.down = False  # new connections are closed at once (a target away)
+        self.drop_on_command = False  # a SCSI command closes its connection, unanswered
 
     def __enter__(self) -> HostileTarget:
         super().__enter__()
@@ -97,6 +101,8 @@ class HostileTarget(FakeTarget):
     # -- one connection
 
     def _connection(self, peer: Peer) -> None:
+        if self.down:
+            return  # FakeTarget closes the socket
         Connection(self, peer).run()
 
 
@@ -120,6 +126,8 @@ class Connection:
         for key, value in keys.items():
             if key == "MaxRecvDataSegmentLength":
                 reply.append((key, "262144"))
+            elif key in self.t.answers:
+                reply.append((key, self.t.answers[key]))
             elif r2t and key in ("InitialR2T", "ImmediateData"):
                 reply.append((key, "Yes" if key == "InitialR2T" else "No"))
             else:
@@ -162,6 +170,8 @@ class Connection:
             elif isinstance(pdu, ScsiCommand):
                 with self.t.lock:
                     self.t.commands.append(pdu.cdb[0])
+                if self.t.drop_on_command:
+                    return
                 self.command(pdu)
             elif isinstance(pdu, DataOut):
                 self.data_out(pdu)

@@ -337,8 +337,10 @@ class Session:
         self.abort(task)
         return events
 
-    def _window(self, pdu: Pdu, *, status: bool) -> None:
-        """ExpCmdSN/MaxCmdSN (4.2.2.1: ignore stale or inconsistent values), and StatSN."""
+    def _window(self, pdu: Pdu, *, status: bool, gap_ok: bool = False) -> None:
+        """ExpCmdSN/MaxCmdSN (4.2.2.1: ignore stale or inconsistent values), and StatSN.
+        ``gap_ok``: Async Message and Reject, which some targets (IET, tgt) count in
+        StatSN and others do not; Linux takes their StatSN as it comes, and so do we."""
         exp = getattr(pdu, "exp_cmd_sn", None)
         mx = getattr(pdu, "max_cmd_sn", None)
         if exp is not None and mx is not None and sn_le(exp, sn_add(mx, 1)):
@@ -348,7 +350,7 @@ class Session:
                 self.exp_cmd_sn = exp
         stat_sn = getattr(pdu, "stat_sn", None)
         if status and stat_sn is not None and sn_le(self.exp_stat_sn, stat_sn):
-            if stat_sn != self.exp_stat_sn:
+            if stat_sn != self.exp_stat_sn and not gap_ok:
                 # A status we never saw: at ERL 0 only a new connection settles its fate.
                 raise ProtocolError(f"StatSN gap: got {stat_sn}, expected {self.exp_stat_sn}")
             self.exp_stat_sn = sn_add(stat_sn, 1)
@@ -373,10 +375,10 @@ class Session:
             self._window(pdu, status=pdu.itt != RESERVED_TAG)
             return self._nop_in(pdu)
         if isinstance(pdu, AsyncMessage):
-            self._window(pdu, status=False)
+            self._window(pdu, status=True, gap_ok=True)
             return self._async(pdu)
         if isinstance(pdu, Reject):
-            self._window(pdu, status=False)
+            self._window(pdu, status=True, gap_ok=True)
             return self._reject(pdu)
         if isinstance(pdu, TaskMgmtResponse):
             self._window(pdu, status=True)

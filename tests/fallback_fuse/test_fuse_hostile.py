@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from hostile_target import BLOCK, HostileTarget, pattern
 
 IQN = "iqn.2024-01.org.iscsi-handoff.test:hostile"
@@ -53,6 +54,9 @@ def mounted(root: Path) -> bool:
         return any(line.split()[4] == str(root) for line in f)
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
 @pytest.fixture
 def mount_root(tmp_path: Path) -> Iterator[Path]:
     if not os.path.exists("/dev/fuse"):
@@ -60,6 +64,12 @@ def mount_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "iscsi"
     root.mkdir()
     yield root
+    # Whatever a failed test left behind: no daemon, no mount.
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     subprocess.run(["fusermount3", "-u", "-z", str(root)], capture_output=True, check=False)
 
 
@@ -68,6 +78,7 @@ def start(target: HostileTarget, root: Path, *, wait_ready: bool = True) -> Daem
         [sys.executable, "-m", "iscsi_handoff", "login", "--portal", target.portal,
          "--target", IQN, "--fuse", str(root), "--replacement-timeout", str(REPLACEMENT)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _started.append(proc)
     output: list[str] = []
     ready = threading.Event()
 
