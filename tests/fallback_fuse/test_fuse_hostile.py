@@ -1,5 +1,6 @@
 """Issue 10 through the real CLI and FUSE: `iscsi-handoff login --fuse MOUNT
---replacement-timeout 5` against a target that misbehaves in the full feature phase.
+--replacement-timeout 5` against a target that misbehaves in the full feature phase,
+and against a real tgtd stopped (SIGSTOP) past the replacement timeout.
 
 Each misbehaviour must end in EIO for the reader (in a subprocess, with a timeout) within
 a generous multiple of the configured timeouts, and the daemon must still answer SIGTERM
@@ -20,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_handoff.tgtlab import LunSpec, Tgt
+
 from hostile_target import BLOCK, HostileTarget, pattern
+from tgt_fixtures import tgt  # noqa: F401
 
 IQN = "iqn.2024-01.org.iscsi-handoff.test:hostile"
 REPLACEMENT = 5.0
@@ -35,10 +39,11 @@ class Daemon:
     root: Path
     output: list[str]
     ready: threading.Event
+    name: str = "hostile"
 
     @property
     def storage(self) -> Path:
-        return self.root / "127.0.0.1" / "hostile" / "storage"
+        return self.root / "127.0.0.1" / self.name / "storage"
 
     def text(self) -> str:
         return "\n".join(self.output)
@@ -73,10 +78,12 @@ def mount_root(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["fusermount3", "-u", "-z", str(root)], capture_output=True, check=False)
 
 
-def start(target: HostileTarget, root: Path, *, wait_ready: bool = True) -> Daemon:
+def start(target: HostileTarget | str, root: Path, *, iqn: str = IQN,
+          wait_ready: bool = True) -> Daemon:
+    portal = target if isinstance(target, str) else target.portal
     proc = subprocess.Popen(
-        [sys.executable, "-m", "iscsi_handoff", "login", "--portal", target.portal,
-         "--target", IQN, "--fuse", str(root), "--replacement-timeout", str(REPLACEMENT)],
+        [sys.executable, "-m", "iscsi_handoff", "login", "--portal", portal,
+         "--target", iqn, "--fuse", str(root), "--replacement-timeout", str(REPLACEMENT)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _started.append(proc)
     output: list[str] = []
@@ -90,7 +97,7 @@ def start(target: HostileTarget, root: Path, *, wait_ready: bool = True) -> Daem
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    daemon = Daemon(proc, root, output, ready)
+    daemon = Daemon(proc, root, output, ready, iqn.rsplit(":", 1)[-1])
     if wait_ready:
         deadline = time.monotonic() + 60
         while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
@@ -242,3 +249,38 @@ def test_block_size_of_the_reads_is_the_targets(mount_root: Path) -> None:
         finally:
             finish(daemon)
     assert not target.errors, target.errors
+
+
+@pytest.mark.tgt
+def test_tgtd_stopped_past_the_replacement_timeout_then_back(tgt: Tgt,  # noqa: F811
+                                                             mount_root: Path) -> None:
+    """EIO while it is stopped; after SIGCONT the SAME session serves the same bytes
+    (issue 9: keep reconnecting with backoff past the replacement timeout)."""
+    iqn = "iqn.2024-01.org.iscsi-handoff.test:stopped"
+    target = tgt.add_target(iqn, luns=[LunSpec(size=8 << 20)])
+    with open(target.lun_paths[0], "r+b") as f:
+        f.write(os.urandom(4096))
+    daemon = start(tgt.portal, mount_root, iqn=iqn)
+    pid = tgt.pid
+    assert pid is not None
+    try:
+        before, _ = access(daemon.storage)
+        assert before[0].startswith("read 0 ") and before[1:] == ["done"], before
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            lines, took = access(daemon.storage)
+            assert lines == ["error EIO"], (lines, daemon.text())
+            assert took < BOUND
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + BOUND
+        while True:  # relogins back off up to 30 s; the first after SIGCONT gets in
+            lines, _ = access(daemon.storage)
+            if lines != ["error EIO"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert lines == before, (lines, daemon.text())
+        assert daemon.proc.poll() is None  # the same daemon, the same session
+        assert any("serving again" in line for line in daemon.output), daemon.text()
+    finally:
+        finish(daemon)
