@@ -16,6 +16,8 @@ the misbehaviour is about the probe. Misbehaviours (``HostileTarget(name)``):
 - ``capacity_2_63``: READ CAPACITY(16) says 2^63 blocks.
 - ``swallow_probe``: READ CAPACITY is never answered (nor its ABORT TASK unless
   ``abort_ok``).
+- ``recovered_error``: a READ's data comes with CHECK CONDITION, RECOVERED ERROR.
+- ``write_residual``: a WRITE is answered GOOD with an underflow of 512 bytes.
 - ``nop_flood``: once the probe is over, ``flood`` NOP-In pings carrying 256 KiB each,
   and the target never reads again.
 """
@@ -54,7 +56,7 @@ CHECK_CONDITION = 0x02
 READS, WRITES = {0x28, 0x88}, {0x2A, 0x8A}
 MODES = {"none", "overrun", "sense_overflow", "r2t_beyond", "r2t_zero", "r2t_huge",
          "async_logout", "closed_window", "swallow_abort_ok", "capacity_2_63",
-         "swallow_probe", "nop_flood"}
+         "swallow_probe", "nop_flood", "recovered_error", "write_residual"}
 
 
 def pattern(offset: int, length: int) -> bytes:
@@ -206,6 +208,13 @@ class Connection:
                 return
             lba, count = self.lba_count(cmd.cdb)
             data = bytes(self.t.disk[lba * BLOCK:(lba + count) * BLOCK])
+            if mode == "recovered_error":
+                self.send(DataIn(itt=cmd.itt, data=data), status=False)
+                recovered = bytearray(illegal_request())
+                recovered[2 + 2], recovered[2 + 12] = 0x01, 0x17  # RECOVERED ERROR, 17/00
+                self.send(ScsiResponse(itt=cmd.itt, status=CHECK_CONDITION,
+                                       data=bytes(recovered)))
+                return
             if mode == "overrun":
                 data += bytes(BLOCK)
             self.data_in(cmd, data, cmd.expected_data_transfer_length)
@@ -300,6 +309,11 @@ class Connection:
     def write_done(self, itt: int) -> None:
         cmd, buf, _ = self.writes.pop(itt)
         lba, _count = self.lba_count(cmd.cdb)
+        if self.t.mode == "write_residual":  # took all but the last block, says so
+            buf = buf[:-BLOCK]
+            self.t.disk[lba * BLOCK:lba * BLOCK + len(buf)] = buf
+            self.send(ScsiResponse(itt=itt, underflow=True, residual_count=BLOCK))
+            return
         self.t.disk[lba * BLOCK:lba * BLOCK + len(buf)] = buf
         self.send(ScsiResponse(itt=itt))
 

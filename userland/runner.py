@@ -171,6 +171,7 @@ class SessionRunner:
         self._closing = True
         if self.session is not None and self.transport is not None \
                 and self.failed_reason is None and not self._conn_failed.is_set():
+            self._logout_done = trio.Event()  # ours, not one the target asked for earlier
             self.session.logout()
             self._kick.set()
             with trio.move_on_after(LOGOUT_TIMEOUT):

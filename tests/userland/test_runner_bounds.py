@@ -1,21 +1,24 @@
 """userland.policy in the runner: the replacement timeout, Time2Wait, reconnecting past
-the timeout, and close() during recovery, against the hostile target on 127.0.0.1."""
+the timeout, and close() during recovery, against the hostile target on 127.0.0.1; and
+what a LUN makes of RECOVERED ERROR, write residuals and an implausible capacity."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 
-from userland.errors import SessionFailed
+from userland.errors import ProtocolError, ScsiError, SessionFailed
 from userland.login.machine import LoginConfig, new_isid
+from userland.lun import Lun, report_luns
 from userland.policy import Bounds
 from userland.portal import Portal
 from userland.runner import SessionRunner
 from userland.task import Task
 
-from hostile_target import HostileTarget
+from hostile_target import BLOCK, HostileTarget, pattern
 
 INITIATOR = "iqn.2024-01.org.iscsi-handoff.test:initiator"
 TARGET = "iqn.2024-01.org.iscsi-handoff.test:hostile"
@@ -130,3 +133,51 @@ def test_close_during_recovery_leaves_no_session_behind() -> None:
 async def _expect_failure(r: SessionRunner) -> None:
     with pytest.raises(SessionFailed, match="closed"):
         await r.execute(Task(lun=0, cdb=TUR))
+
+
+def probed_lun(mode: str, body: Callable[[Lun], Awaitable[None]]) -> HostileTarget:
+    with HostileTarget(mode) as target:
+        r = runner(target, Bounds.for_replacement_timeout(5))
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await r.start(nursery)
+                [number] = await report_luns(r)
+                lun = Lun(r, number)
+                await lun.probe()
+                with trio.fail_after(30):
+                    await body(lun)
+                await r.close()
+
+        trio.run(main)
+    assert not target.errors, target.errors
+    return target
+
+
+def test_recovered_error_is_success() -> None:
+    async def body(lun: Lun) -> None:
+        assert await lun.read_blocks(8, 8) == pattern(8 * BLOCK, 8 * BLOCK)
+
+    probed_lun("recovered_error", body)
+
+
+def test_a_write_the_target_took_only_part_of_fails() -> None:
+    async def body(lun: Lun) -> None:
+        with pytest.raises(ScsiError, match="took 3584 of 4096 bytes"):
+            await lun.write_blocks(0, bytes(4096))
+
+    probed_lun("write_residual", body)
+
+
+def test_an_implausible_capacity_is_a_protocol_error() -> None:
+    with HostileTarget("capacity_2_63") as target:
+        r = runner(target, Bounds.for_replacement_timeout(5))
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await r.start(nursery)
+                with pytest.raises(ProtocolError, match="implausible size"):
+                    await Lun(r, 0).probe()
+                await r.close()
+
+        trio.run(main)
