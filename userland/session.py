@@ -129,6 +129,7 @@ class Session:
         self._ping_itt: int | None = None
         self._ping_sent = 0.0
         self._logout_itt: int | None = None
+        self._logout_sent = 0.0
         self._logout_due: float | None = None  # the target asked for a logout by then
         self._tmf: dict[int, TaskMgmtRequest] = {}
         self._tmf_sent: dict[int, float] = {}
@@ -248,6 +249,7 @@ class Session:
 
     def logout(self, reason: int = LogoutReason.CLOSE_SESSION) -> None:
         self._logout_due = None
+        self._logout_sent = self.now
         self._logout_itt = self._new_itt()
         self._outbox.append(LogoutRequest(itt=self._logout_itt, reason=reason, cid=0,
                                           cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
@@ -271,6 +273,8 @@ class Session:
         self.now = now
         b = self.bounds
         events: list[Event] = []
+        if self._logout_itt is not None and now - self._logout_sent > b.abort_timeout:
+            return [ConnectionFailed(f"Logout unanswered in {b.abort_timeout:g} s")]
         for itt, sent in self._tmf_sent.items():
             if now - sent > b.abort_timeout:
                 tmf = self._tmf[itt]
@@ -546,6 +550,8 @@ class Session:
         self._begin(login, now)
         events: list[Event] = []
         for task in pending:
+            if task.sent_at is None and task.itt != RESERVED_TAG:
+                task.attempts -= 1  # issued while the connection was down: never sent
             if task.attempts >= self.bounds.max_attempts:
                 events += self._fail(task, f"command {task.cdb[0]:#04x} had no status after "
                                            f"{task.attempts} attempts across relogins")

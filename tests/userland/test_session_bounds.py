@@ -316,3 +316,20 @@ def test_time2wait_is_clamped_so_a_relogin_fits() -> None:
     fuse = Bounds.for_replacement_timeout(5)
     assert (fuse.command_timeout, fuse.abort_timeout, fuse.window_timeout) == (5, 5, 5)
     assert dataclasses.replace(fuse, max_attempts=1).max_attempts == 1
+
+
+def test_an_unanswered_logout_fails_the_connection() -> None:
+    s = session()
+    s.receive(AsyncMessage(async_event=1, parameter3=0), 0)
+    assert [type(p) for p in s.take_outgoing(0)] == [LogoutRequest]
+    assert s.tick(4) == []
+    [event] = s.tick(5.5)
+    assert isinstance(event, ConnectionFailed) and "Logout unanswered" in event.reason
+
+
+def test_a_command_issued_while_the_connection_was_down_is_not_an_attempt() -> None:
+    s = session()
+    task = Task(lun=0, cdb=b"\x00")
+    s.submit(task, 0)  # into the outbox of a connection that is already gone
+    assert s.restart(login_result(), 1) == []
+    assert only(s.take_outgoing(1), ScsiCommand) and task.attempts == 1
