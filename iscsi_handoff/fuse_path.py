@@ -56,8 +56,10 @@ async def _open_target(nursery: trio.Nursery, portal: Portal, config: LoginConfi
                            login_timeout=opts.login_timeout)
     runners.append(runner)
     await runner.start(nursery)
-    assert config.target_name is not None and runner.transport is not None
-    ip = str(runner.transport.sock.getpeername()[0])
+    assert config.target_name is not None
+    ip = portal.host
+    with contextlib.suppress(OSError, AttributeError):  # the connection may be gone already
+        ip = str(runner.transport.sock.getpeername()[0])  # type: ignore[union-attr]
     entry = TargetEntry(hostname=portal.host, ip=ip, targetname=config.target_name)
     for number in await report_luns(runner):
         lun = Lun(runner, number)
