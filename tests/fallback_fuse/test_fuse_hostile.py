@@ -284,3 +284,25 @@ def test_tgtd_stopped_past_the_replacement_timeout_then_back(tgt: Tgt,  # noqa: 
         assert any("serving again" in line for line in daemon.output), daemon.text()
     finally:
         finish(daemon)
+
+
+def test_sigterm_while_a_read_is_stuck_still_ends_everything(mount_root: Path) -> None:
+    """No reader left in D state: the stuck read ends within the policy's bound, the
+    daemon unmounts and exits 0."""
+    with HostileTarget("swallow_abort_ok") as target:
+        daemon = start(target, mount_root)
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(daemon.storage), "r",
+                                   "1"], stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while 0x28 not in target.commands and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert 0x28 in target.commands, daemon.text()
+            daemon.proc.send_signal(signal.SIGTERM)
+            out, _ = reader.communicate(timeout=BOUND)
+            assert out.splitlines() in (["error EIO"], ["error ENOTCONN"]), out
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+        assert daemon.proc.wait(timeout=BOUND) == 0, daemon.text()  # one SIGTERM was enough
+        assert "Traceback" not in daemon.text() and not mounted(mount_root)
