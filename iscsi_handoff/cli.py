@@ -20,14 +20,30 @@ from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.login_path import decide, prepare_mountpoint
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
+    Auth,
     PortalType,
+    add_common_options,
     auth_from,
     auth_options,
+    discovery_auth_from,
+    discovery_auth_options,
     fuse_options,
     fuse_options_from,
+    node_settings_from,
+    pop_where,
+    where_options,
 )
-from iscsi_handoff.output import login_json, print_login, print_targets
+from iscsi_handoff.options_login import login_target
+from iscsi_handoff.output import (
+    error_json,
+    json_mode,
+    login_json,
+    print_login,
+    print_targets,
+    targets_json,
+)
 from userland.discovery.run import discover
+from userland.discovery.sendtargets import DiscoveredTarget
 from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
@@ -65,24 +81,59 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("portal", type=PortalType())
+@where_options
 @auth_options
+@discovery_auth_options
+@click.option("--save", is_flag=True,
+              help="Record each target and portal found as a node (`node list`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def discover_cmd(portal: Portal, as_json: bool, **kw: Any) -> None:
+def discover_cmd(as_json: bool, save: bool, **kw: Any) -> None:
     """List the targets a portal offers (SendTargets=All).
 
-    PORTAL is host, host:port or [ipv6]:port (default port 3260).
+    PORTAL is host, host:port or [ipv6]:port (default port 3260), as an argument or
+    -p; an iscsi://HOST[:PORT]/IQN URL (or -T IQN) shows that target only. The
+    --discovery-chap-* options authenticate this discovery session; without them
+    (and without --save) the plain --chap-* ones do. With --save, each target and
+    portal found becomes a node record, and the plain --chap-*/--mutual-* options
+    are its session credentials, recorded as their file or variable name.
 
     \b
     Examples:
       iscsi-handoff discover 127.0.0.1:3260
+      iscsi-handoff discover -p 127.0.0.1:3260 --save
       iscsi-handoff discover san1:3260 --chap-user alice --chap-secret-file ~/.iscsi-secret
+      iscsi-handoff discover san1 --discovery-chap-user disc \\
+          --discovery-chap-secret-file /etc/iscsi-handoff/disc.secret --save \\
+          --chap-user alice --chap-secret-file /etc/iscsi-handoff/alice.secret
       iscsi-handoff discover [::1]:3260 --json
     """
+    where = pop_where(kw)
+    if where.portal is None:
+        raise ConfigError("which portal? give PORTAL, -p PORTAL or iscsi://HOST[:PORT]")
+    recorded = node_settings_from(kw) if save else {}
     auth = auth_from(kw)
-    targets = discover(portal, initiator_name=auth.initiator_name,
-                       credentials=auth.credentials, mutual=auth.mutual,
+    # With --save the plain ones are the nodes' session credentials (tgt, for one,
+    # refuses a discovery session that offers a target's CHAP account).
+    credentials, mutual = discovery_auth_from(kw, auth, fall_back=not save)
+    targets = discover(where.portal, initiator_name=auth.initiator_name,
+                       credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    if where.target is not None:
+        from userland.errors import TargetNotFoundError
+
+        targets = [t for t in targets if t.name == where.target]
+        if not targets:
+            raise TargetNotFoundError(f"{where.portal} does not list {where.target}")
+    if save:
+        from iscsi_handoff.nodes_cli import save_discovered
+
+        nodes = save_discovered(targets, recorded)
+        if as_json:
+            click.echo(json.dumps({"targets": targets_json(targets),
+                                   "saved": [str(n.path) for n in nodes]}, indent=2))
+            return
+        for node in nodes:
+            click.echo(f"saved {node.path}", err=True)
     print_targets(targets, as_json=as_json)
 
 
@@ -90,8 +141,7 @@ discover_cmd.name = "discover"
 
 
 @cli.command(epilog=EPILOG)
-@click.option("--portal", type=PortalType(), required=True, help="host[:port] of the target.")
-@click.option("--target", "target_name", required=True, metavar="IQN", help="Target name.")
+@login_target
 @click.option("--check", is_flag=True,
               help="Log in, print the negotiated parameters, log out.")
 @click.option("--kernel", "force_kernel", is_flag=True,
@@ -164,7 +214,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
                          isid=new_isid(), credentials=auth.credentials, mutual=auth.mutual,
                          chap_algorithms=auth.chap_algorithms,
                          header_digest=DIGEST_CHOICES[header_digest],
-                         data_digest=DIGEST_CHOICES[data_digest])
+                         data_digest=DIGEST_CHOICES[data_digest],
+                         expected_tpgt=portal.tpgt)
     data_opts.login_timeout = auth.timeout
     if not check:
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
@@ -242,12 +293,21 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
         show()
 
 
+# `mount` opens one session per listed target and keeps them all: a portal listing
+# thousands must not make us open thousands. Raise it with --max-targets.
+DEFAULT_MAX_TARGETS = 256
+
+
 @cli.command(epilog=EPILOG)
 @click.argument("portal", type=PortalType())
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--max-targets", type=click.IntRange(1, 100000), default=DEFAULT_MAX_TARGETS,
+              show_default=True,
+              help="Refuse to mount a portal listing more targets than this.")
 @fuse_options
+@discovery_auth_options
 @auth_options
-def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
+def mount(portal: Portal, mountpoint: Path, max_targets: int, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
@@ -258,22 +318,39 @@ def mount(portal: Portal, mountpoint: Path, **kw: Any) -> None:
     Examples:
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi --loop
+
+    Discovery authenticates with --discovery-chap-* (none without them), each
+    target's session with --chap-*/--mutual-*. A target whose login fails is
+    reported on stderr and the others are mounted.
     """
     opts = fuse_options_from(kw, mountpoint)
     assert opts is not None
     auth = auth_from(kw)
     opts.login_timeout = auth.timeout
+    credentials, mutual = discovery_auth_from(kw, auth, fall_back=False)
     targets = discover(portal, initiator_name=auth.initiator_name,
-                       credentials=auth.credentials, mutual=auth.mutual,
+                       credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    logins = mount_logins(portal, targets, auth, max_targets=max_targets)
+    run_fuse(trial_login.usable(logins, timeout=auth.timeout), opts)
+
+
+def mount_logins(portal: Portal, targets: list[DiscoveredTarget], auth: Auth, *,
+                 max_targets: int) -> list[tuple[Portal, LoginConfig]]:
+    """One login per discovered target, at its first portal, with the TPGT it was listed
+    with; refused past ``max_targets`` (each session costs memory and a connection)."""
     if not targets:
         raise ConfigError(f"{portal} lists no targets")
-    logins = [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
-                                         target_name=t.name, isid=new_isid(),
-                                         credentials=auth.credentials, mutual=auth.mutual,
-                                         chap_algorithms=auth.chap_algorithms))
-              for t in targets]
-    run_fuse(logins, opts)
+    if len(targets) > max_targets:
+        raise ConfigError(f"{portal} lists {len(targets)} targets, more than --max-targets "
+                          f"{max_targets}; raise --max-targets to mount them all")
+    return [(t.portals[0], LoginConfig(initiator_name=auth.initiator_name,
+                                       target_name=t.name, isid=new_isid(),
+                                       credentials=auth.credentials, mutual=auth.mutual,
+                                       chap_algorithms=auth.chap_algorithms,
+                                       expected_tpgt=t.portals[0].tpgt,
+                                       expected_tpgt_from="the SendTargets answer"))
+            for t in targets]
 
 
 @cli.command(epilog=EPILOG)
@@ -309,33 +386,62 @@ def _unwrap(exc: BaseException) -> BaseException:
 def main() -> None:
     """Console entry point: run the CLI, turning our errors into one line each."""
     try:
-        _run()
-    except BaseExceptionGroup as group:
-        inner = _unwrap(group)
-        if inner is group:
-            raise
-        _run_handled(inner)
+        try:
+            _run()
+        except BaseExceptionGroup as group:
+            inner = _unwrap(group)
+            if inner is group:
+                raise
+            _run_handled(inner)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_pipe()
+
+
+def quiet_pipe() -> None:
+    """The reader went away (`... | head -1`): what it did not read is not an error."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the interpreter's last flush must not fail
+    sys.exit(0)
 
 
 def _run() -> None:
     try:
         cli.main(standalone_mode=False)
+    except SystemExit as exc:
+        # click answers EPIPE itself with a quiet exit 1 after wrapping stdout in its
+        # PacifyFlushWrapper; 1 means a bug here: say 0.
+        if exc.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+            quiet_pipe()
+        raise
     except click.exceptions.Abort:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if json_mode() or "--json" in sys.argv[1:]:
+            click.echo(error_json(exc.format_message(), exc.exit_code, "UsageError"), err=True)
+        else:
+            exc.show()
         sys.exit(exc.exit_code)
     except IscsiError as exc:
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        _report(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
-    except BaseExceptionGroup:
+    except (BaseExceptionGroup, BrokenPipeError):
         raise
     except Exception as exc:  # a bug: say so in one line; -v shows where
         _internal(exc)
+
+
+def _report(exc: IscsiError) -> None:
+    """One line with its next step (iscsi_handoff/hints.py), or JSON under --json."""
+    from iscsi_handoff.hints import report_error
+
+    report_error(exc)
 
 
 def _internal(exc: BaseException) -> None:
@@ -349,15 +455,19 @@ def _internal(exc: BaseException) -> None:
 def _run_handled(exc: BaseException) -> None:
     """The same answers as _run gives, for an error that came out of a trio nursery."""
     if isinstance(exc, IscsiError):
-        click.echo(f"iscsi-handoff: {exc}", err=True)
+        _report(exc)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("iscsi-handoff: interrupted", err=True)
         sys.exit(130)
+    if isinstance(exc, BrokenPipeError):
+        raise exc
     _internal(exc)
 
 
-from iscsi_handoff import cli_kernel, cli_trace  # noqa: E402  (doctor, session, trace)
+from iscsi_handoff import cli_kernel, cli_trace, nodes_cli, trial_login  # noqa: E402  (doctor, session, trace, node)
 
 cli_kernel.register(cli)
 cli_trace.register(cli)
+nodes_cli.register(cli)
+add_common_options(cli)  # last: -v, --json, -p/-T on every command

@@ -2,7 +2,8 @@
 
 One session per target (all under one trio loop with pyfuse3), every disk LUN probed,
 then the tree is served until SIGINT/SIGTERM; with ``loop`` each target's storage file
-is attached with `losetup --direct-io=on` and detached again on the way out.
+is attached with `losetup --direct-io=on` and detached again on the way out. A signal
+during login and probe ends them at once (sessions closed, nothing mounted, exit 130).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,13 +49,17 @@ def check_fuse_available() -> None:
 
 
 async def _open_target(nursery: trio.Nursery, portal: Portal, config: LoginConfig,
-                       opts: FuseOptions) -> tuple[SessionRunner, TargetEntry]:
+                       opts: FuseOptions, runners: list[SessionRunner]) -> TargetEntry:
+    # The probe obeys the session's bounds (userland.policy) like any later I/O.
     runner = SessionRunner(portal, config, queue_depth=opts.queue_depth,
                            replacement_timeout=opts.replacement_timeout,
                            login_timeout=opts.login_timeout)
+    runners.append(runner)
     await runner.start(nursery)
-    assert config.target_name is not None and runner.transport is not None
-    ip = str(runner.transport.sock.getpeername()[0])
+    assert config.target_name is not None
+    ip = portal.host
+    with contextlib.suppress(OSError, AttributeError):  # the connection may be gone already
+        ip = str(runner.transport.sock.getpeername()[0])  # type: ignore[union-attr]
     entry = TargetEntry(hostname=portal.host, ip=ip, targetname=config.target_name)
     for number in await report_luns(runner):
         lun = Lun(runner, number)
@@ -62,7 +70,32 @@ async def _open_target(nursery: trio.Nursery, portal: Portal, config: LoginConfi
                                    lun.info.version, lun.info.serial))
     if not entry.luns:
         log.warning("%s has no disk LUNs", config.target_name)
-    return runner, entry
+    return entry
+
+
+@contextlib.contextmanager
+def _early_signals() -> Iterator[AsyncIterator[int] | None]:
+    """SIGINT/SIGTERM from the first moment of the trio loop (only the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        yield receiver
+
+
+async def _watch_signals(signals: AsyncIterator[int], probing: trio.CancelScope,
+                         stop: trio.Event) -> None:
+    """Before the mount: cancel the login and probe. After: ``serve`` hears signals
+    itself, and one that slips in between still stops it through ``stop``."""
+    async for signum in signals:
+        log.warning("got %s before serving: logging out", signal.Signals(signum).name)
+        probing.cancel()
+        stop.set()
+
+
+async def _forward(source: trio.Event, stop: trio.Event) -> None:
+    await source.wait()
+    stop.set()
 
 
 async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
@@ -72,31 +105,45 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
         raise ConfigError(f"mount point {opts.mountpoint} is not a directory")
     mounted = mounted if mounted is not None else Mounted()
     runners: list[SessionRunner] = []
-    async with trio.open_nursery() as nursery:
-        try:
-            entries = []
-            for portal, config in logins:
-                runner, entry = await _open_target(nursery, portal, config, opts)
-                runners.append(runner)
-                entries.append(entry)
-
-            async def ready(tree: Tree) -> None:
-                await _announce(entries, opts, mounted)
-
-            async def stopping() -> None:
-                for device in reversed(mounted.loops):
-                    with contextlib.suppress(OSError):
-                        await loopdev.detach(device)
-                        click.echo(f"detached {device}")
-
-            await serve(opts.mountpoint, entries, allow_other=opts.allow_other,
-                        on_ready=ready, on_stop=stopping, stop=stop)
-        finally:
-            with trio.CancelScope(shield=True):
-                for runner in runners:
-                    await runner.close()
-            nursery.cancel_scope.cancel()
+    stopping_event = trio.Event()
+    probing = trio.CancelScope()
+    with _early_signals() as signals:
+        async with trio.open_nursery() as nursery:
+            if signals is not None:
+                nursery.start_soon(_watch_signals, signals, probing, stopping_event)
+            if stop is not None:
+                nursery.start_soon(_forward, stop, stopping_event)
+            try:
+                entries = []
+                with probing:
+                    for portal, config in logins:
+                        entries.append(await _open_target(nursery, portal, config, opts,
+                                                          runners))
+                if not probing.cancelled_caught:
+                    await _serve_tree(entries, opts, mounted, stopping_event)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for runner in runners:
+                        await runner.close()
+                nursery.cancel_scope.cancel()
+    if probing.cancelled_caught:
+        raise KeyboardInterrupt  # the CLI's "interrupted", exit 130
     click.echo(f"unmounted {opts.mountpoint}; logged out")
+
+
+async def _serve_tree(entries: list[TargetEntry], opts: FuseOptions, mounted: Mounted,
+                      stop: trio.Event) -> None:
+    async def ready(tree: Tree) -> None:
+        await _announce(entries, opts, mounted)
+
+    async def stopping() -> None:
+        for device in reversed(mounted.loops):
+            with contextlib.suppress(OSError):
+                await loopdev.detach(device)
+                click.echo(f"detached {device}")
+
+    await serve(opts.mountpoint, entries, allow_other=opts.allow_other,
+                on_ready=ready, on_stop=stopping, stop=stop)
 
 
 async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Mounted) -> None:
@@ -119,6 +166,12 @@ async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Moun
             depth = loopdev.raise_max_background(opts.mountpoint, opts.queue_depth)
             click.echo(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
     click.echo("serving; Ctrl-C or SIGTERM to finish I/O, log out and unmount")
+    from iscsi_handoff.output import emit_ready  # --json's ready line, READY=1 for systemd
+
+    emit_ready({"path": "fuse", "pid": os.getpid(), "mountpoint": str(opts.mountpoint),
+                "targets": [{"target": e.targetname, "host": e.hostname, "ip": e.ip,
+                             "luns": [lun.number for lun in e.luns]} for e in entries],
+                "storage": [str(p) for p in mounted.storage_paths], "loops": mounted.loops})
 
 
 def _size(n: int) -> str:

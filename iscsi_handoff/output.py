@@ -11,6 +11,7 @@ import click
 from userland.discovery.sendtargets import DiscoveredTarget
 from userland.login.machine import LoginResult
 from userland.portal import Portal
+from userland.printable import escape
 
 # Negotiated fields in RFC 7143 key order, with the key names people know.
 PARAM_KEYS: tuple[tuple[str, str], ...] = (
@@ -42,9 +43,10 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value for a table: a target's strings (alias) never carry control characters."""
     if isinstance(value, bool):
         return "Yes" if value else "No"
-    return "-" if value is None else str(value)
+    return "-" if value is None else escape(str(value))
 
 
 def targets_json(targets: Sequence[DiscoveredTarget]) -> list[dict[str, Any]]:
@@ -62,7 +64,8 @@ def print_targets(targets: Sequence[DiscoveredTarget], *, as_json: bool) -> None
     if not targets:
         click.echo("no targets")
         return
-    rows = [(t.name, ", ".join(str(p) for p in t.portals)) for t in targets]
+    rows = [(escape(t.name), escape(", ".join(str(p) for p in t.portals), limit=1024))
+            for t in targets]
     click.echo(table(rows, ("TARGET", "PORTALS (address,tpgt)")))
 
 
@@ -78,8 +81,41 @@ def login_json(result: LoginResult, *, target: str, portal: Portal) -> dict[str,
 
 def print_login(result: LoginResult, *, target: str, portal: Portal) -> None:
     neg = result.negotiated
-    click.echo(f"logged in to {target} at {portal} (auth {result.auth_method}, "
+    click.echo(f"logged in to {escape(target)} at {escape(str(portal))} (auth "
+               f"{result.auth_method}, "
                f"ISID {result.isid.hex()}, TSIH {result.tsih})")
     rows = [(key, _show(getattr(neg, attr)), neg.chosen_by.get(key, "default"))
             for key, attr in PARAM_KEYS]
     click.echo(table(rows, ("PARAMETER", "VALUE", "CHOSEN BY")))
+
+
+# --json is a mode of the whole process: errors then go to stderr as JSON too.
+_json_mode = False
+
+
+def set_json_mode(on: bool = True) -> None:
+    global _json_mode
+    _json_mode = on
+
+
+def json_mode() -> bool:
+    return _json_mode
+
+
+READY_FIELD = "X_ISCSI_HANDOFF_READY"  # the ready object, for `login --all` listening
+
+
+def emit_ready(obj: dict[str, Any], *, echo: bool = True) -> None:
+    """A serving login is up (disks exist): one JSON line with --json, and READY=1 for
+    systemd (Type=notify) or `login --all`. Human lines were printed before this;
+    ``echo=False`` where the caller printed its JSON already."""
+    from iscsi_handoff.sdnotify import notify
+
+    event = {"event": "ready", **obj}
+    if _json_mode and echo:
+        click.echo(json.dumps(event))
+    notify("READY=1", "STATUS=serving", f"{READY_FIELD}={json.dumps(event)}")
+
+
+def error_json(message: str, exit_code: int, kind: str) -> str:
+    return json.dumps({"error": {"message": message, "exit_code": exit_code, "kind": kind}})

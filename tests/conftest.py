@@ -26,6 +26,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test keeps its generated initiator name and its session registry to itself."""
+    """Each test keeps its generated initiator name, its session registry and its node
+    records to itself."""
     monkeypatch.setenv("ISCSI_HANDOFF_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("ISCSI_HANDOFF_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("ISCSI_HANDOFF_CONFIG_DIR", str(tmp_path / "config"))

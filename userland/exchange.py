@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 from userland.connection import Connection
 from userland.errors import LoginRejected, ProtocolError
-from userland.keys import TextAssembler, encode_text
+from userland.keys import TextStream, encode_text
 from userland.login.machine import LoginResult
 from userland.pdu import (
     RESERVED_TAG,
@@ -30,8 +31,18 @@ from userland.pdu import (
 )
 
 log = logging.getLogger("iscsi_handoff.session")
-MAX_TEXT_ROUNDS = 4096  # a loop guard on continued Text Responses
-MAX_TEXT_BYTES = 16 << 20  # SendTargets of thousands of targets, but bounded
+MAX_TEXT_ROUNDS = 16384  # a loop guard on continued Text Responses
+MAX_TEXT_BYTES = 1 << 20  # SendTargets of thousands of targets, but bounded
+Pair = tuple[str, str]
+
+
+def deadline_from(timeout: float | None, deadline: float | None) -> float:
+    """One absolute deadline: the caller's, or ``timeout`` seconds from now."""
+    if deadline is not None:
+        return deadline
+    if timeout is None:
+        raise ValueError("give a timeout or a deadline")
+    return time.monotonic() + timeout
 LOGOUT_REASONS = {0: "closed", 1: "CID not found", 2: "recovery not supported",
                   3: "cleanup failed"}
 
@@ -80,11 +91,23 @@ class Exchange:
                                     f"expected {itt:#x}")
             return pdu
 
-    def text(self, pairs: list[tuple[str, str]], *, timeout: float) -> list[tuple[str, str]]:
-        """One Text negotiation, following the target's continuation (C bit)."""
-        deadline = time.monotonic() + timeout
+    def text(self, pairs: list[Pair], *, timeout: float | None = None,
+             deadline: float | None = None,
+             consume: Callable[[Sequence[Pair]], None] | None = None,
+             max_bytes: int = MAX_TEXT_BYTES) -> list[Pair]:
+        """One Text exchange, following the target's continuation (11.10, 11.11).
+
+        The answer is decoded as it arrives: with ``consume``, each PDU's complete pairs
+        go to it at once and nothing is kept here (the return is empty); without, they
+        are collected and returned. A Response with C=1 continues inside a pair; one with
+        F=0 and C=0 ends on a pair boundary; either way the target waits for our empty
+        Text Request with its Target Transfer Tag, until F=1.
+        """
+        deadline = deadline_from(timeout, deadline)
         itt = self._next_itt()
-        assembler = TextAssembler(max_bytes=MAX_TEXT_BYTES)
+        stream = TextStream(max_bytes)
+        collected: list[Pair] = []
+        sink = consume if consume is not None else collected.extend
         data, ttt = encode_text(pairs), RESERVED_TAG
         for _ in range(MAX_TEXT_ROUNDS):
             request = TextRequest(final=True, itt=itt, ttt=ttt, cmd_sn=self.cmd_sn,
@@ -94,18 +117,23 @@ class Exchange:
             resp = self._receive(itt, deadline, "a Text Response")
             if not isinstance(resp, TextResponse):
                 raise ProtocolError(f"expected a Text Response, got {type(resp).__name__}")
-            answer = assembler.feed(bytes(resp.data), resp.cont)
-            if answer is not None and resp.final:
-                return answer
-            if answer is not None:
-                raise ProtocolError("Text Response without F or C: target wants more text "
-                                    "than SendTargets needs")
+            if resp.final and resp.cont:
+                raise ProtocolError("Text Response with both F and C set (RFC 7143 11.11)")
+            got = stream.feed(bytes(resp.data), resp.cont)
+            if got:
+                sink(got)
+            if resp.final:
+                stream.finish()
+                return collected
+            if resp.ttt == RESERVED_TAG:  # 11.11.4: F=0 needs a tag for us to continue
+                raise ProtocolError("Text Response with F=0 and no Target Transfer Tag to "
+                                    "continue with (RFC 7143 11.11.4)")
             data, ttt = b"", resp.ttt
         raise ProtocolError(f"Text Response still continued after {MAX_TEXT_ROUNDS} PDUs")
 
-    def logout(self, *, timeout: float) -> None:
+    def logout(self, *, timeout: float | None = None, deadline: float | None = None) -> None:
         """Close the session (reason 0) and wait for the target's answer."""
-        deadline = time.monotonic() + timeout
+        deadline = deadline_from(timeout, deadline)
         itt = self._next_itt()
         self.conn.send(LogoutRequest(itt=itt, cid=0, cmd_sn=self.cmd_sn,
                                      exp_stat_sn=self.exp_stat_sn), deadline=deadline)

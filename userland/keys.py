@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from userland.errors import ConfigError, NegotiationError, ProtocolError
+from userland.printable import escape
 
 Pair = tuple[str, str]
 
@@ -435,6 +436,46 @@ class TextAssembler:
         return decode_text(text)
 
 
+class TextStream:
+    """Pairs out of a long text as they arrive, for answers too big to hold (SendTargets).
+
+    ``feed`` takes each PDU's data and returns the pairs completed by it, each checked
+    by 6.1 at once; only the unfinished pair at the end is kept. C=1 (``cont``) lets a
+    pair run into the next PDU; C=0 means the PDU ended on a pair boundary (F=0, C=0
+    in 11.11: a complete set of pairs, more to come when we ask). The total is bounded
+    by ``max_bytes``; a target sending more gets a ProtocolError that says so.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._tail = b""
+
+    def feed(self, data: bytes, cont: bool) -> list[Pair]:
+        self.total += len(data)
+        if self.total > self.max_bytes:
+            self._tail = b""
+            raise ProtocolError(f"text answer longer than {self.max_bytes} bytes; refused "
+                                "past that bound")
+        buf = self._tail + bytes(data)
+        end = buf.rfind(b"\0") + 1  # up to the last complete pair
+        self._tail = buf[end:]
+        if len(self._tail) > MAX_KEY_LENGTH + 1 + 2 * MAX_CHAP_BINARY + 2:
+            # No key=value we accept is this long (6.1): do not keep buffering it.
+            raise ProtocolError(f"bad text: a key=value pair of more than {len(self._tail)} "
+                                "bytes")
+        if not cont and self._tail:
+            raise ProtocolError("bad text: a Text Response without the C bit ends inside a "
+                                "key=value pair (RFC 7143 6.1, 11.11)")
+        return decode_text(buf[:end]) if end else []
+
+    def finish(self) -> None:
+        if self._tail:
+            raise ProtocolError("bad text: it ends inside a key=value pair")
+
+
 def split_text(data: bytes, max_data_segment_length: int) -> list[bytes]:
     """Chunks of at most ``max_data_segment_length`` bytes, split anywhere (6.1).
 
@@ -493,6 +534,11 @@ RESULT_KEYS: tuple[str, ...] = (
     "TargetAlias", "iSCSIProtocolLevel", "TaskReporting",
 )
 SESSION_TYPES = ("Normal", "Discovery")
+
+
+def _shown(value: str) -> str:
+    """A target's value as it may appear in our errors and logs (no control characters)."""
+    return escape(value, limit=80)
 
 
 def _optional_answer(spec: KeySpec, value: str) -> bool:
@@ -680,8 +726,8 @@ class Negotiator:
         if key != "TargetAddress":  # 13.8: the one key a target may repeat
             if key in self._seen:
                 raise NegotiationError(
-                    f"target sent {key} twice ({key}={self._seen[key]}, then {key}="
-                    f"{value}); RFC 7143 6.3 forbids negotiating or declaring a key again")
+                    f"target sent {key} twice ({key}={_shown(self._seen[key])}, then {key}="
+                    f"{_shown(value)}); RFC 7143 6.3 forbids negotiating or declaring a key again")
             self._seen[key] = value
         if key in self._sent and value in ANSWER_CONSTANTS:
             self._answered_constant(key, value)
@@ -692,16 +738,16 @@ class Negotiator:
             self.not_understood.append(key)  # 6.2: a key we do not know
             return NOT_UNDERSTOOD
         if spec.sender is Sender.INITIATOR:
-            raise NegotiationError(f"target sent {key}={value}, a key only an initiator "
+            raise NegotiationError(f"target sent {key}={_shown(value)}, a key only an initiator "
                                    f"sends (RFC 7143 {spec.section})")
         if key == "TargetName":
-            raise NegotiationError(f"target sent TargetName={value} in a login; a target "
+            raise NegotiationError(f"target sent TargetName={_shown(value)} in a login; a target "
                                    "sends it only in a SendTargets answer (RFC 7143 13.4)")
         if spec.phase is Phase.SECURITY and key not in self._sent:
-            raise NegotiationError(f"target sent {key}={value} outside the security "
+            raise NegotiationError(f"target sent {key}={_shown(value)} outside the security "
                                    f"stage (RFC 7143 {spec.section})")
         if not self.leading and spec.leading_only:
-            raise NegotiationError(f"target sent {key}={value} on a further connection of "
+            raise NegotiationError(f"target sent {key}={_shown(value)} on a further connection of "
                                    f"the session; it is leading-only (RFC 7143 "
                                    f"{spec.section})")
         if spec.kind is KeyKind.OBSOLETE:
@@ -718,10 +764,19 @@ class Negotiator:
             raise self._never_offered(key, value)
         return self._proposal(spec, value)
 
+    @property
+    def target_portal_group_tag(self) -> int | None:
+        """13.9: the tag the target declared so far, or None."""
+        return self._tpgt
+
+    def answer_to(self, key: str) -> str | None:
+        """What the target sent for ``key`` (its first value), or None if nothing."""
+        return self._seen.get(key)
+
     @staticmethod
     def _never_offered(key: str, value: str) -> NegotiationError:
-        return NegotiationError(f"target answered {key}={value}, but we never offered "
-                                f"{key} (RFC 7143 6.2: {value} only answers a key)")
+        return NegotiationError(f"target answered {key}={_shown(value)}, but we never offered "
+                                f"{key} (RFC 7143 6.2: {_shown(value)} only answers a key)")
 
     def _answered_constant(self, key: str, value: str) -> None:
         """Reject, Irrelevant, NotUnderstood to our key: its current value holds (6.2)."""
@@ -742,28 +797,28 @@ class Negotiator:
         if spec.kind is KeyKind.LIST:
             offered = offer.split(",")
             if value not in offered:
-                raise NegotiationError(f"target answered {key}={value}, outside what we "
+                raise NegotiationError(f"target answered {key}={_shown(value)}, outside what we "
                                        f"offered ({offer})")
             self._settle(key, value, "initiator" if value == offered[0] else "target")
         elif spec.kind in (KeyKind.NUMERIC_MIN, KeyKind.NUMERIC_MAX):
             number = self._number(spec, value, "answered")
             ours = int(offer)
             if spec.kind is KeyKind.NUMERIC_MIN and number > ours:
-                raise NegotiationError(f"target answered {key}={value}, above our offer "
+                raise NegotiationError(f"target answered {key}={_shown(value)}, above our offer "
                                        f"{key}={offer} (result function Minimum, RFC 7143 "
                                        f"{spec.section})")
             if spec.kind is KeyKind.NUMERIC_MAX and number < ours:
-                raise NegotiationError(f"target answered {key}={value}, below our offer "
+                raise NegotiationError(f"target answered {key}={_shown(value)}, below our offer "
                                        f"{key}={offer} (result function Maximum, RFC 7143 "
                                        f"{spec.section})")
             self._settle(key, str(number), "initiator" if number == ours else "target")
         else:  # BOOL_AND, BOOL_OR
             if value not in (YES, NO):
-                raise NegotiationError(f"target answered {key}={value}, not Yes or No "
+                raise NegotiationError(f"target answered {key}={_shown(value)}, not Yes or No "
                                        "(RFC 7143 6.1)")
             if _optional_answer(spec, offer) and value != offer:
                 function = "AND" if spec.kind is KeyKind.BOOL_AND else "OR"
-                raise NegotiationError(f"target answered {key}={value} to our {key}={offer}"
+                raise NegotiationError(f"target answered {key}={_shown(value)} to our {key}={offer}"
                                        f"; the result function {function} makes it {offer} "
                                        f"(RFC 7143 {spec.section})")
             self._settle(key, value, "initiator" if value == offer else "target")
@@ -773,7 +828,7 @@ class Negotiator:
         key = spec.name
         stance = self._pending.pop(key, None)
         if stance is not None:
-            self.warnings.append(f"target proposed {key}={value} before our offer went "
+            self.warnings.append(f"target proposed {key}={_shown(value)} before our offer went "
                                  "out; answered it instead")
         else:
             stance = self._stance.get(key, spec.default)
@@ -782,12 +837,12 @@ class Negotiator:
         if spec.kind is KeyKind.LIST:
             theirs = value.split(",")
             if ANSWER_CONSTANTS & set(theirs):
-                raise NegotiationError(f"target proposed {key}={value}; Reject, Irrelevant "
+                raise NegotiationError(f"target proposed {key}={_shown(value)}; Reject, Irrelevant "
                                        "and NotUnderstood only answer a key (RFC 7143 6.2)")
             ours = stance.split(",")
             pick = next((item for item in theirs if item in ours), None)
             if pick is None:  # 6.2.1: none of theirs is acceptable
-                self.warnings.append(f"rejected the target's {key}={value}")
+                self.warnings.append(f"rejected the target's {key}={_shown(value)}")
                 return REJECT
             by = "initiator" if pick != theirs[0] else "both" if pick == ours[0] else "target"
             self._settle(key, pick, by)
@@ -796,8 +851,8 @@ class Negotiator:
             number = parse_number(value)
             if number is None or not self._in_range(spec, number):
                 # 6.2.2: a value not admissible MAY be answered Reject
-                self.warnings.append(f"rejected the target's {key}={value}: not a number in "
-                                     f"{spec.lo}..{spec.hi}")
+                self.warnings.append(f"rejected the target's {key}={_shown(value)}: not a "
+                                     f"number in {spec.lo}..{spec.hi}")
                 return REJECT
             mine = int(stance)
             best = min if spec.kind is KeyKind.NUMERIC_MIN else max
@@ -807,7 +862,7 @@ class Negotiator:
             return str(answer)
         # BOOL_AND, BOOL_OR
         if value not in (YES, NO):
-            self.warnings.append(f"rejected the target's {key}={value}: not Yes or No")
+            self.warnings.append(f"rejected the target's {key}={_shown(value)}: not Yes or No")
             return REJECT
         if _optional_answer(spec, value):  # 6.2.2: the outcome is theirs, no answer due
             self._settle(key, value, "both" if stance == value else "target")
@@ -843,7 +898,7 @@ class Negotiator:
     def _number(self, spec: KeySpec, value: str, verb: str) -> int:
         number = parse_number(value)
         if number is None or not self._in_range(spec, number):
-            raise NegotiationError(f"target {verb} {spec.name}={value}, not a number in "
+            raise NegotiationError(f"target {verb} {spec.name}={_shown(value)}, not a number in "
                                    f"{spec.lo}..{spec.hi} (RFC 7143 {spec.section})")
         return number
 

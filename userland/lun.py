@@ -15,12 +15,13 @@ import trio
 from userland import scsi
 from userland.errors import ProtocolError, ScsiError
 from userland.runner import SessionRunner
-from userland.sense import ScsiStatus, status_error
+from userland.sense import ScsiStatus, SenseKey, parse_sense, status_error
 from userland.task import Task
 
 log = logging.getLogger("iscsi_handoff.scsi")
 
 RETRIES = 5
+MAX_BYTES = 1 << 63  # a LUN's size must fit a signed 64-bit file size (FUSE, losetup)
 DEFAULT_MAX_TRANSFER = 8 << 20  # when the target states no limit (VPD B0)
 DISK = 0x00  # SCSI peripheral device type: direct-access block device
 
@@ -61,7 +62,12 @@ class Lun:
             if task.response != 0:
                 raise ScsiError(f"LUN {self.number}: target failed the command "
                                 f"(iSCSI response {task.response})")
-            if task.status == ScsiStatus.GOOD:
+            if task.status == ScsiStatus.GOOD or _recovered(task):
+                if write_data is not None and task.residual:
+                    # The target took fewer (or wanted more) bytes than we sent.
+                    took = len(write_data) - task.residual
+                    raise ScsiError(f"LUN {self.number}: the target took {took} of "
+                                    f"{len(write_data)} bytes written")
                 return task
             error = status_error(task.status or 0, task.sense)
             if not error.retryable or attempt == RETRIES:
@@ -109,13 +115,18 @@ class Lun:
         return frozenset(scsi.parse_vpd_supported_pages(data).pages)
 
     async def _vpd(self, page: int) -> bytes:
-        task = await self.command(scsi.inquiry_vpd_cdb(page), read_length=255)
-        data = bytes(task.data[:255 - max(task.residual, 0)])
+        data = await self._inquiry_vpd(page, 255)
+        # A long page (0x83 on some targets): ask for all of it. vpd_total_length refuses
+        # a length beyond INQUIRY's 16 bits, so the target cannot size more than 64 KiB.
         need = scsi.vpd_total_length(data)
-        if need > len(data):  # a long page (0x83 on some targets): ask for all of it
-            task = await self.command(scsi.inquiry_vpd_cdb(page, need), read_length=need)
-            data = bytes(task.data)
+        if need > len(data):
+            data = await self._inquiry_vpd(page, need)
         return data
+
+    async def _inquiry_vpd(self, page: int, length: int) -> bytes:
+        task = await self.command(scsi.inquiry_vpd_cdb(page, length), read_length=length)
+        # What the target sent, not the zeros past it: the parsers check the page length.
+        return bytes(task.data[:max(length - max(task.residual, 0), 0)])
 
     async def _capacity(self) -> None:
         try:
@@ -123,12 +134,24 @@ class Lun:
             cap16 = scsi.parse_read_capacity16(task.data)
             self.num_blocks, self.block_size = cap16.num_blocks, cap16.block_size
             self.supports_unmap = cap16.lbpme
+            self._check_capacity()
             return
         except ScsiError as exc:  # READ CAPACITY(16) is optional before SBC-3
             log.info("LUN %d: READ CAPACITY(16) failed (%s); using (10)", self.number, exc)
         cap10 = scsi.parse_read_capacity10(
             (await self.command(scsi.read_capacity10_cdb(), read_length=8)).data)
         self.num_blocks, self.block_size = cap10.num_blocks, cap10.block_size
+        self._check_capacity()
+
+    def _check_capacity(self) -> None:
+        """Sizes from the target are checked before anything is sized by them."""
+        size = self.block_size
+        if size < 512 or size > 65536 or size & (size - 1):
+            raise ProtocolError(f"LUN {self.number}: READ CAPACITY gave an implausible "
+                                f"block size of {size} bytes")
+        if self.num_blocks < 0 or self.num_blocks * size >= MAX_BYTES:
+            raise ProtocolError(f"LUN {self.number}: READ CAPACITY gave an implausible "
+                                f"size of {self.num_blocks} blocks of {size} bytes")
 
     # -- block I/O
 
@@ -182,6 +205,16 @@ class Lun:
         for start in range(lba, lba + count, step):
             cdb, params = scsi.unmap([(start, min(step, lba + count - start))])
             await self.command(cdb, write_data=params)
+
+
+def _recovered(task: Task) -> bool:
+    """CHECK CONDITION with RECOVERED ERROR: the command did its work (SPC-4 4.5.6)."""
+    if task.status != ScsiStatus.CHECK_CONDITION or not task.sense:
+        return False
+    try:
+        return parse_sense(task.sense).key == SenseKey.RECOVERED_ERROR
+    except ProtocolError:
+        return False
 
 
 async def report_luns(runner: SessionRunner) -> list[int]:

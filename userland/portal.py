@@ -10,6 +10,11 @@ from userland.errors import ConfigError
 DEFAULT_PORT = 3260
 
 
+def _digits(text: str) -> bool:
+    """ASCII decimal digits only: str.isdigit() also takes '²' and Arabic-Indic digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
 @dataclass(frozen=True)
 class Portal:
     host: str
@@ -23,15 +28,16 @@ class Portal:
         tpgt: int | None = None
         if "," in raw:
             raw, _, tag = raw.rpartition(",")
-            if not tag.isdigit() or int(tag) > 65535:
+            if not _digits(tag) or int(tag) > 65535:
                 raise ConfigError(f"{what} {text!r}: portal group tag must be 0..65535")
             tpgt = int(tag)
         port_text = ""
+        has_port = False
         if raw.startswith("["):
             host, sep, tail = raw[1:].partition("]")
             if not sep or (tail and not tail.startswith(":")):
                 raise ConfigError(f"{what} {text!r}: malformed [IPv6] address")
-            port_text = tail[1:]
+            port_text, has_port = tail[1:], bool(tail)
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
@@ -43,12 +49,19 @@ class Portal:
             except ValueError:
                 raise ConfigError(f"{what} {text!r}: write IPv6 as [addr]:port") from None
         else:
-            host, _, port_text = raw.partition(":")
+            host, sep, port_text = raw.partition(":")
+            has_port = bool(sep)
         if not host:
             raise ConfigError(f"{what} {text!r}: no host")
+        if not host.isprintable() or any(c.isspace() for c in host):
+            raise ConfigError(f"{what} {text!r}: the host contains spaces or control "
+                              "characters")
         port = DEFAULT_PORT
-        if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if has_port:
+            if not port_text:
+                raise ConfigError(f"{what} {text!r}: empty port after ':' (give host or "
+                                  "host:port)")
+            if not _digits(port_text) or not 0 < int(port_text) < 65536:
                 raise ConfigError(f"{what} {text!r}: port must be 1..65535")
             port = int(port_text)
         return cls(host, port, tpgt)

@@ -2,12 +2,11 @@
 
 Tasks: one reader (PDUs in, dispatched by ITT to waiting callers), one sender (the only
 writer, so PDUs leave in the order the session queued them and the reader never blocks
-on a send), one ticker (NOP pings, command timeouts). A command without status in time
-is aborted (ABORT TASK) and issued again on the same connection; a target that does not
-answer the abort within ABORT_TIMEOUT loses the connection. On a connection failure the
-session is recovered by a new login with the same ISID (TSIH 0, session reinstatement),
-after DefaultTime2Wait, until the replacement timeout; then every waiting and new
-command fails with SessionFailed. A caller never hangs.
+on a send), one ticker (the session's deadlines and NOP pings). A command without status
+in time is aborted (ABORT TASK) and issued again on the same connection; a target that
+does not answer the abort loses the connection. On a connection failure the session is
+recovered by a new login with the same ISID (TSIH 0, session reinstatement). Every bound
+is in ``userland.policy`` (stated once there and in the README): a caller never hangs.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from userland.errors import IscsiError, LoginTimeout, ProtocolError, SessionFail
 from userland.login.machine import LoginConfig, LoginMachine, LoginResult, Redirected
 from userland.login.run import MAX_REDIRECTS
 from userland.pdu import LoginResponse
+from userland.policy import DEFAULT_REPLACEMENT_TIMEOUT, Bounds
 from userland.portal import Portal
 from userland.session import (
     DEFAULT_NOP_INTERVAL,
@@ -32,19 +32,14 @@ from userland.session import (
     LogoutRequested,
     Session,
     TaskDone,
-    TmfDone,
 )
 from userland.task import Task
 from userland.transport import Transport
 
 log = logging.getLogger("iscsi_handoff.session")
 
-DEFAULT_REPLACEMENT_TIMEOUT = 120.0
-DEFAULT_COMMAND_TIMEOUT = 30.0
-ABORT_TIMEOUT = 10.0
-# Task Management Function responses after which the task is surely gone at the target.
-TMF_FUNCTION_COMPLETE, TMF_TASK_DOES_NOT_EXIST = 0, 1
 LOGOUT_TIMEOUT = 5.0
+TICK = 0.5  # how often deadlines are looked at: they are kept to within this
 
 
 async def login_trio(portal: Portal, config: LoginConfig,
@@ -93,32 +88,45 @@ class SessionRunner:
                  replacement_timeout: float = DEFAULT_REPLACEMENT_TIMEOUT,
                  nop_interval: float = DEFAULT_NOP_INTERVAL,
                  nop_timeout: float = DEFAULT_NOP_TIMEOUT,
-                 command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
-                 abort_timeout: float = ABORT_TIMEOUT,
-                 login_timeout: float = 15.0) -> None:
+                 command_timeout: float | None = None,
+                 abort_timeout: float | None = None,
+                 login_timeout: float = 15.0,
+                 bounds: Bounds | None = None) -> None:
         self.portal = portal
         self.config = config
         self.queue_depth = queue_depth
-        self.replacement_timeout = replacement_timeout
+        bounds = bounds or Bounds.for_replacement_timeout(replacement_timeout)
+        if command_timeout is not None:
+            bounds = replace(bounds, command_timeout=command_timeout,
+                             window_timeout=command_timeout)
+        if abort_timeout is not None:
+            bounds = replace(bounds, abort_timeout=abort_timeout)
+        self.bounds = bounds
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
-        self.command_timeout = command_timeout
-        self.abort_timeout = abort_timeout
         self.login_timeout = login_timeout
         self.session: Session | None = None
         self.transport: Transport | None = None
         self.recoveries = 0
-        self.failed_reason: str | None = None
+        self.failed_reason: str | None = None  # set past the replacement timeout
         self._waiters: dict[int, trio.Event] = {}
-        self._issued: dict[int, float] = {}
-        self._aborting: dict[int, float] = {}  # ITT -> when ABORT TASK went out
-        self.aborts = 0
         self._kick = trio.Event()
         self._conn_failed = trio.Event()
         self._fail_reason = ""
+        self._next_wait: float | None = None  # the target's Time2Wait for the next relogin
+        self._down_since: float | None = None  # first failure not yet followed by progress
         self._closing = False
         self._logout_done = trio.Event()
         self._stopped = trio.Event()
+        self._scope = trio.CancelScope()
+
+    @property
+    def replacement_timeout(self) -> float:
+        return self.bounds.replacement_timeout
+
+    @property
+    def aborts(self) -> int:
+        return self.session.aborts if self.session is not None else 0
 
     # -- public
 
@@ -128,12 +136,14 @@ class SessionRunner:
                                                   self.login_timeout)
         self.session = Session(result, queue_depth=self.queue_depth,
                                nop_interval=self.nop_interval, nop_timeout=self.nop_timeout,
-                               now=trio.current_time())
+                               now=trio.current_time(), bounds=self.bounds)
         nursery.start_soon(self._serve)
         return result
 
     async def execute(self, task: Task) -> Task:
-        """Run one command to its status; SessionFailed once the session is gone."""
+        """Run one command to its status; SessionFailed when policy says it failed."""
+        if self._closing:
+            raise SessionFailed("session closed")
         if self.failed_reason is not None:
             raise SessionFailed(self.failed_reason)
         assert self.session is not None, "start() first"
@@ -141,64 +151,71 @@ class SessionRunner:
         self._waiters[id(task)] = done
         task.done = False
         task.error = None
-        self.session.submit(task)
-        self._issued[id(task)] = trio.current_time()
+        self.session.submit(task, trio.current_time())
         self._kick.set()
         try:
             await done.wait()
         finally:
             self._waiters.pop(id(task), None)
-            self._issued.pop(id(task), None)
         if task.error is not None:
             raise SessionFailed(task.error)
         return task
 
     async def close(self) -> None:
-        """Log out (bounded wait) and stop; unfinished commands fail."""
+        """Log out (bounded wait) and stop; unfinished commands fail. During recovery:
+        the relogin is cancelled and no connection is left."""
         if self._closing:
-            await self._stopped.wait()
+            with trio.move_on_after(LOGOUT_TIMEOUT):
+                await self._stopped.wait()
             return
         self._closing = True
-        if self.session is not None and self.failed_reason is None \
-                and not self._conn_failed.is_set():
+        if self.session is not None and self.transport is not None \
+                and self.failed_reason is None and not self._conn_failed.is_set():
+            self._logout_done = trio.Event()  # ours, not one the target asked for earlier
             self.session.logout()
             self._kick.set()
             with trio.move_on_after(LOGOUT_TIMEOUT):
                 await self._logout_done.wait()
         self._fail("session closed")
-        with trio.move_on_after(LOGOUT_TIMEOUT):
-            await self._stopped.wait()
+        self._scope.cancel()
+        if self.session is not None:
+            with trio.move_on_after(LOGOUT_TIMEOUT):
+                await self._stopped.wait()
+        self._drop_transport()
 
     # -- the connection's tasks
 
     async def _serve(self) -> None:
         try:
-            while True:
-                self._conn_failed = trio.Event()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader)
-                    nursery.start_soon(self._sender)
-                    nursery.start_soon(self._ticker)
-                    await self._conn_failed.wait()
-                    nursery.cancel_scope.cancel()
-                if self.transport is not None:
-                    self.transport.close()
-                    self.transport = None
-                if self._closing or self.failed_reason is not None:
-                    return
-                log.warning("connection to %s failed: %s; recovering", self.portal,
-                            self._fail_reason)
-                if not await self._recover():
-                    return
+            with self._scope:
+                while True:
+                    self._conn_failed = trio.Event()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._reader)
+                        nursery.start_soon(self._sender)
+                        nursery.start_soon(self._ticker)
+                        await self._conn_failed.wait()
+                        nursery.cancel_scope.cancel()
+                    self._drop_transport()
+                    if self._closing:
+                        return
+                    log.warning("connection to %s failed: %s; recovering", self.portal,
+                                self._fail_reason)
+                    await self._recover()
         finally:
-            if self.transport is not None:
-                self.transport.close()
+            self._drop_transport()
             self._fail(self.failed_reason or "session closed")
             self._stopped.set()
 
-    def _connection_failed(self, reason: str) -> None:
+    def _drop_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def _connection_failed(self, reason: str, time2wait: float | None = None) -> None:
         if not self._conn_failed.is_set():
             self._fail_reason = reason
+            self._next_wait = time2wait
             self._conn_failed.set()
 
     async def _reader(self) -> None:
@@ -219,7 +236,7 @@ class SessionRunner:
             while True:
                 await self._kick.wait()
                 self._kick = trio.Event()
-                pdus = session.take_outgoing()
+                pdus = session.take_outgoing(trio.current_time())
                 if pdus:
                     await transport.send(pdus)
         except IscsiError as exc:
@@ -229,94 +246,83 @@ class SessionRunner:
         assert self.session is not None
         session = self.session
         while True:
-            await trio.sleep(0.5)
-            now = trio.current_time()
-            self._handle(session.tick(now))
+            await trio.sleep(TICK)
+            self._handle(session.tick(trio.current_time()))
             self._kick.set()
-            for itt, task in list(session.tasks.items()):
-                aborted = self._aborting.get(itt)
-                if aborted is not None:
-                    if now - aborted > self.abort_timeout:
-                        self._connection_failed(f"ABORT TASK for command {task.cdb[0]:#04x} "
-                                                f"unanswered in {self.abort_timeout:g} s")
-                    continue
-                started = self._issued.get(id(task))
-                if started is not None and now - started > self.command_timeout:
-                    log.warning("command %#04x (ITT %#x) had no status in %g s: aborting it",
-                                task.cdb[0], itt, self.command_timeout)
-                    self._aborting[itt] = now
-                    self.aborts += 1
-                    session.abort(task)
-                    self._kick.set()
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, TaskDone):
+                if event.task.error is None:
+                    self._down_since = None  # progress: the next failure starts a new clock
+                elif event.task.attempts > 1 or event.task.error.startswith("protocol"):
+                    log.warning("command %#04x failed: %s", event.task.cdb[0],
+                                event.task.error)
                 waiter = self._waiters.get(id(event.task))
                 if waiter is not None:
                     waiter.set()
-            elif isinstance(event, TmfDone):
-                self._abort_done(event)
             elif isinstance(event, ConnectionFailed):
-                self._connection_failed(event.reason)
+                self._connection_failed(event.reason, event.time2wait)
             elif isinstance(event, LogoutDone):
                 self._logout_done.set()
-                self._connection_failed("logged out")
+                self._connection_failed("logged out", event.time2wait)
             elif isinstance(event, LogoutRequested):
-                log.warning("target asked for a logout; will log in again")
-                self._connection_failed("target requested logout")
-
-    def _abort_done(self, event: TmfDone) -> None:
-        if self._aborting.pop(event.rtt, None) is None or self.session is None:
-            return
-        if event.response not in (TMF_FUNCTION_COMPLETE, TMF_TASK_DOES_NOT_EXIST):
-            # Not aborted: only a new connection (ERL 0) makes the task's fate certain.
-            self._connection_failed(f"target refused ABORT TASK (response {event.response})")
-            return
-        task = self.session.reissue(event.rtt)
-        if task is not None:
-            self._issued[id(task)] = trio.current_time()
-            log.warning("command %#04x aborted at the target; issued again as ITT %#x",
-                        task.cdb[0], task.itt)
-            self._kick.set()
+                log.warning("target asked for a logout within %d s; logging out, then in "
+                            "again", event.within)
 
     # -- recovery
 
-    async def _recover(self) -> bool:
-        """Log in again until the replacement timeout; True when the session is back."""
+    async def _recover(self) -> None:
+        """Log in again. Until the replacement timeout (counted from the first failure
+        not followed by progress) waiting commands wait; past it they fail, new ones fail
+        at once, and relogins go on with backoff until one succeeds or close()."""
         assert self.session is not None
-        started = trio.current_time()
-        deadline = started + self.replacement_timeout
-        wait = float(self.session.params.default_time2wait)
+        now = trio.current_time()
+        if self._down_since is None:
+            self._down_since = now
+        deadline = self._down_since + self.bounds.replacement_timeout
+        asked = (self._next_wait if self._next_wait is not None
+                 else float(self.session.params.default_time2wait))
+        wait = asked
+        backoff = self.bounds.backoff_min
         attempt = 0
         while True:
-            await trio.sleep(min(wait, max(0.0, deadline - trio.current_time())))
             left = deadline - trio.current_time()
+            if left > 0:
+                await trio.sleep(self.bounds.time2wait(wait, left))
+                left = deadline - trio.current_time()
             if left <= 0:
-                break
+                if self.failed_reason is None:
+                    self._fail(f"session to {self.portal} lost and not recovered within "
+                               f"{self.bounds.replacement_timeout:g} s ({self._fail_reason})")
+                    log.warning("%s; still trying to log in again", self.failed_reason)
+                else:
+                    await trio.sleep(backoff)
+                    backoff = min(2 * backoff, self.bounds.backoff_max)
             attempt += 1
             config = replace(self.config, tsih=0, initial_cmd_sn=self.session.cmd_sn,
                              exp_stat_sn=0)
+            timeout = min(self.login_timeout, left) if left > 0 else self.login_timeout
             try:
-                self.transport, result = await login_trio(
-                    self.portal, config, min(self.login_timeout, left))
+                self.transport, result = await login_trio(self.portal, config,
+                                                          max(1.0, timeout))
             except IscsiError as exc:
-                log.warning("relogin %d to %s failed: %s", attempt, self.portal, exc)
-                wait = max(1.0, wait)
+                log.info("relogin %d to %s failed: %s", attempt, self.portal, exc)
+                wait = 1.0
                 continue
-            self.recoveries += 1
-            now = trio.current_time()
-            for key in self._issued:
-                self._issued[key] = now
-            self._aborting.clear()
-            self.session.restart(result, now)
+            break
+        self.recoveries += 1
+        now = trio.current_time()
+        failed = self.session.restart(result, now)
+        if self.failed_reason is not None:
+            log.warning("session to %s is back; serving again", self.portal)
+            self.failed_reason = None
+        else:
             log.warning("session to %s recovered after %.1f s (%d unfinished commands "
-                        "reissued)", self.portal, now - started, len(self.session.tasks))
-            self._kick.set()
-            return True
-        self._fail(f"session to {self.portal} lost and not recovered within "
-                   f"{self.replacement_timeout:g} s ({self._fail_reason})")
-        return False
+                        "reissued)", self.portal, now - self._down_since,
+                        len(self.session.tasks) + len(self.session.waiting))
+        self._handle(failed)
+        self._kick.set()
 
     def _fail(self, reason: str) -> None:
         if self.failed_reason is None:
@@ -326,4 +332,3 @@ class SessionRunner:
                 waiter = self._waiters.get(id(task))
                 if waiter is not None:
                     waiter.set()
-

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from userland.errors import ConfigError, ProtocolError
+from userland.untrusted import from_target
 
 Buffer = bytes | bytearray | memoryview
 
@@ -244,6 +245,7 @@ class Inquiry:
 INQUIRY_STANDARD_LEN = 36
 
 
+@from_target
 def parse_inquiry(buf: Buffer) -> Inquiry:
     """Standard INQUIRY data: only the first 36 bytes are read (more are fine)."""
     data = bytes(buf)
@@ -271,11 +273,19 @@ def parse_inquiry(buf: Buffer) -> Inquiry:
 
 # --- VPD pages -----------------------------------------------------------------------------
 
+@from_target
 def vpd_total_length(buf: Buffer) -> int:
-    """Bytes the whole VPD page takes (header included): the allocation length to ask."""
+    """Bytes the whole VPD page takes (header included): the allocation length to ask.
+
+    INQUIRY's allocation length is 16 bits (SPC-4 6.6.1): a page longer than that can
+    never be read whole, so it is refused here rather than sizing the next request."""
     data = bytes(buf)
     _need(data, 4, "VPD page header")
-    return 4 + int.from_bytes(data[2:4], "big")
+    total = 4 + int.from_bytes(data[2:4], "big")
+    if total > _U16:
+        raise ProtocolError(f"VPD page 0x{data[1]:02x}: page length {total - 4} is beyond "
+                            f"the {_U16} bytes an INQUIRY can return")
+    return total
 
 
 def _vpd(buf: Buffer, page: int, minimum: int) -> bytes:
@@ -299,6 +309,7 @@ class VpdSupportedPages:
     pages: tuple[int, ...]
 
 
+@from_target
 def parse_vpd_supported_pages(buf: Buffer) -> VpdSupportedPages:
     """VPD 0x00 (SPC-4 7.8.16): one byte per supported page code."""
     return VpdSupportedPages(tuple(_vpd(buf, VPD_SUPPORTED_PAGES, 0)[4:]))
@@ -309,6 +320,7 @@ class VpdUnitSerialNumber:
     serial: str
 
 
+@from_target
 def parse_vpd_serial(buf: Buffer) -> VpdUnitSerialNumber:
     """VPD 0x80 (SPC-4 7.8.18): the product serial number in ASCII."""
     return VpdUnitSerialNumber(_text(_vpd(buf, VPD_UNIT_SERIAL_NUMBER, 0)[4:]))
@@ -368,6 +380,7 @@ class VpdDeviceIdentification:
         return display_id(self.designators)
 
 
+@from_target
 def parse_vpd_device_id(buf: Buffer) -> VpdDeviceIdentification:
     """VPD 0x83 (SPC-4 7.8.6): a list of 4-byte headed designation descriptors."""
     page = _vpd(buf, VPD_DEVICE_IDENTIFICATION, 0)
@@ -445,6 +458,7 @@ class VpdBlockLimits:
     max_write_same_length: int
 
 
+@from_target
 def parse_vpd_block_limits(buf: Buffer) -> VpdBlockLimits:
     page = _vpd(buf, VPD_BLOCK_LIMITS, 0x0C)
 
@@ -491,6 +505,7 @@ class VpdLogicalBlockProvisioning:
     threshold_percentage: int
 
 
+@from_target
 def parse_vpd_lbp(buf: Buffer) -> VpdLogicalBlockProvisioning:
     page = _vpd(buf, VPD_LOGICAL_BLOCK_PROVISIONING, 4)
     return VpdLogicalBlockProvisioning(
@@ -514,6 +529,9 @@ LUN_METHOD_FLAT = 0b01
 LUN_METHOD_LOGICAL_UNIT = 0b10
 LUN_METHOD_EXTENDED = 0b11
 MAX_FLAT_LUN = 0x3FFF
+# A LUN list longer than this is implausible (SAM-5 flat space holds 16384 LUNs); the
+# target's length is checked against it before it sizes a second REPORT LUNS.
+MAX_REPORT_LUNS_LENGTH = 8 * 65536
 
 
 def _lun_number(raw: bytes) -> int | None:
@@ -557,14 +575,20 @@ class ReportLuns:
         return 8 + self.list_length
 
 
+@from_target
 def parse_report_luns(buf: Buffer) -> ReportLuns:
     """REPORT LUNS parameter data (SPC-4 6.33.2): LUN list length, 4 reserved, 8 per LUN.
-    A list cut by the allocation length is not an error (see ``truncated``)."""
+    A list cut by the allocation length is not an error (see ``truncated``); a length
+    past ``MAX_REPORT_LUNS_LENGTH`` is, since ``needed_length`` sizes the next request."""
     data = bytes(buf)
     _need(data, 8, "REPORT LUNS header")
     list_length = int.from_bytes(data[:4], "big")
     if list_length % 8:
         raise ProtocolError(f"REPORT LUNS: LUN list length {list_length} is not a multiple of 8")
+    if list_length > MAX_REPORT_LUNS_LENGTH:
+        raise ProtocolError(f"REPORT LUNS: LUN list length {list_length} bytes "
+                            f"({list_length // 8} LUNs) is beyond the "
+                            f"{MAX_REPORT_LUNS_LENGTH // 8} LUNs we accept")
     count = min(list_length, len(data) - 8) // 8
     luns = []
     for i in range(count):
@@ -573,6 +597,7 @@ def parse_report_luns(buf: Buffer) -> ReportLuns:
     return ReportLuns(tuple(luns), list_length)
 
 
+@from_target
 def lun_to_int(raw8: Buffer) -> int:
     """The LUN number of an 8-byte single-level peripheral or flat space LUN."""
     raw = bytes(raw8)
@@ -597,6 +622,21 @@ def int_to_lun(n: int) -> int:
 
 # --- READ CAPACITY -------------------------------------------------------------------------
 
+# Plausible logical block lengths (SBC-4 allows 512..; 4160 and 520 exist; nothing real
+# is near 1 MiB), and a size a file offset can hold (off_t: 2**63 - 1 bytes).
+MAX_BLOCK_SIZE = 1 << 20
+MAX_CAPACITY_BYTES = 2**63 - 1
+
+
+def _check_capacity(what: str, num_blocks: int, block_size: int) -> None:
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ProtocolError(f"{what}: logical block length {block_size} is implausible "
+                            f"(1..{MAX_BLOCK_SIZE} accepted)")
+    if num_blocks * block_size > MAX_CAPACITY_BYTES:
+        raise ProtocolError(f"{what}: {num_blocks} blocks of {block_size} bytes is beyond "
+                            "the 8 EiB a file offset can address")
+
+
 @dataclass(frozen=True, slots=True)
 class Capacity10:
     """READ CAPACITY(10) data (SBC-3 5.15.2). When ``use_16`` is set the target has more
@@ -607,12 +647,12 @@ class Capacity10:
     use_16: bool
 
 
+@from_target
 def parse_read_capacity10(buf: Buffer) -> Capacity10:
     data = bytes(buf)
     _need(data, 8, "READ CAPACITY(10) data")
     last, block_size = struct.unpack_from(">II", data)
-    if block_size == 0:
-        raise ProtocolError("READ CAPACITY(10): logical block length 0")
+    _check_capacity("READ CAPACITY(10)", last + 1, block_size)
     return Capacity10(last + 1, block_size, last == _U32)
 
 
@@ -634,13 +674,13 @@ class Capacity16:
         return self.block_size << self.lb_per_pb_exponent
 
 
+@from_target
 def parse_read_capacity16(buf: Buffer) -> Capacity16:
     """Reads bytes 0-15; the rest of the 32 are reserved and may be absent."""
     data = bytes(buf)
     _need(data, 16, "READ CAPACITY(16) data")
     last, block_size = struct.unpack_from(">QI", data)
-    if block_size == 0:
-        raise ProtocolError("READ CAPACITY(16): logical block length 0")
+    _check_capacity("READ CAPACITY(16)", last + 1, block_size)
     return Capacity16(
         num_blocks=last + 1,
         block_size=block_size,
@@ -667,6 +707,7 @@ class ModeHeader10:
     block_descriptor_length: int
 
 
+@from_target
 def parse_mode_sense10_header(buf: Buffer) -> ModeHeader10:
     """The 8-byte header; pages after it may be cut by the allocation length."""
     data = bytes(buf)

@@ -17,6 +17,7 @@ import errno
 from dataclasses import dataclass
 
 from userland.errors import ProtocolError, ScsiError
+from userland.untrusted import from_target
 
 Buffer = bytes | bytearray | memoryview
 
@@ -171,6 +172,7 @@ class Sense:
         return f"{key} {code}"
 
 
+@from_target
 def parse_sense(buf: Buffer) -> Sense:
     """Decode fixed (0x70/0x71) or descriptor (0x72/0x73) format sense data."""
     data = bytes(buf)

@@ -6,8 +6,10 @@ RFC 7143 rules kept here: ITTs unique among live tasks; CmdSN never beyond MaxCm
 (4.2.2.1); ExpStatSN acknowledges status (4.2.2.2); immediate data and unsolicited
 Data-Out within FirstBurstLength (13.10, 13.11, 13.14); R2T answered in pieces of at most
 the target's MaxRecvDataSegmentLength (13.12); Data-In checked by DataSN and offset.
-Error recovery level 0: any protocol fault ends the connection; ``restart`` puts every
-unfinished task back in line for a new login (6.1 of RFC 7143's recovery classes).
+Error recovery level 0: a fault of the stream ends the connection; ``restart`` puts every
+unfinished task back in line for a new login (6.1 of RFC 7143's recovery classes). A
+fault that names one command (an answer beyond what it asked) ends that command alone.
+Deadlines and counts follow ``userland.policy``; ``tick(now)`` enforces them.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ from userland.pdu import (
     sn_le,
     sn_lt,
 )
+from userland.policy import Bounds
 from userland.task import Task
 
 DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_NOP_INTERVAL = 5.0
 DEFAULT_NOP_TIMEOUT = 5.0
+# Task Management Function responses after which the task is surely gone at the target.
+TMF_FUNCTION_COMPLETE, TMF_TASK_DOES_NOT_EXIST = 0, 1
 
 
 # -- events the caller reacts to
@@ -61,18 +66,20 @@ class ConnectionFailed:
     """ERL 0: the connection must go; the session may be recovered with a new login."""
 
     reason: str
+    time2wait: float | None = None  # the target's, from an Async Message or Logout
 
 
 @dataclass(frozen=True)
 class LogoutRequested:
-    """The target asked us to log out (Async Message event 1) within ``time2wait`` s."""
+    """The target asked us to log out (Async Message event 1) within ``within`` s."""
 
-    time2wait: int
+    within: int
 
 
 @dataclass(frozen=True)
 class LogoutDone:
     response: int
+    time2wait: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,15 +92,28 @@ class TmfDone:
 Event = TaskDone | ConnectionFailed | LogoutRequested | LogoutDone | TmfDone
 
 
+class TaskFault(ProtocolError):
+    """The target answered one command against what it asked: that command fails."""
+
+    def __init__(self, task: Task, message: str) -> None:
+        super().__init__(message)
+        self.task = task
+
+
 class Session:
     def __init__(self, login: LoginResult, *, queue_depth: int = DEFAULT_QUEUE_DEPTH,
                  nop_interval: float = DEFAULT_NOP_INTERVAL,
-                 nop_timeout: float = DEFAULT_NOP_TIMEOUT, now: float = 0.0) -> None:
+                 nop_timeout: float = DEFAULT_NOP_TIMEOUT, now: float = 0.0,
+                 bounds: Bounds | None = None) -> None:
         self.queue_depth = queue_depth
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
+        self.bounds = bounds or Bounds()
         self.tasks: dict[int, Task] = {}
         self.waiting: deque[Task] = deque()
+        self.aborts = 0  # ABORT TASKs sent, for the curious
+        self.echoes_dropped = 0  # target pings not answered while echoes waited to go out
+        self.now = now
         self._itts = itertools.count(1)
         self._outbox: list[Pdu] = []
         self._begin(login, now)
@@ -105,17 +125,25 @@ class Session:
         self.exp_cmd_sn = login.cmd_sn
         self.max_cmd_sn = login.max_cmd_sn
         self.exp_stat_sn = login.exp_stat_sn
-        self.last_rx = now
+        self.last_rx = self.now = now
         self._ping_itt: int | None = None
         self._ping_sent = 0.0
         self._logout_itt: int | None = None
+        self._logout_sent = 0.0
+        self._logout_due: float | None = None  # the target asked for a logout by then
         self._tmf: dict[int, TaskMgmtRequest] = {}
+        self._tmf_sent: dict[int, float] = {}
+        self._aborting: dict[int, Task | None] = {}  # rtt -> task to reissue (None: faulted)
 
     # -- submitting
 
-    def submit(self, task: Task) -> None:
+    def submit(self, task: Task, now: float | None = None) -> None:
+        if now is not None:
+            self.now = now
         if task.read_length and len(task.data) != task.read_length:
             task.data = bytearray(task.read_length)
+        task.queued_at = self.now
+        task.sent_at = None
         self.waiting.append(task)
         self._issue_waiting()
 
@@ -123,13 +151,15 @@ class Session:
         return sn_le(self.cmd_sn, self.max_cmd_sn) and len(self.tasks) < self.queue_depth
 
     def _issue_waiting(self) -> None:
-        while self.waiting and self._window_open() and self._logout_itt is None:
+        while (self.waiting and self._window_open() and self._logout_itt is None
+               and self._logout_due is None):
             self._issue(self.waiting.popleft())
 
     def _new_itt(self) -> int:
         while True:
             itt = next(self._itts) & 0x7FFFFFFF  # never the reserved 0xffffffff
-            if itt and itt not in self.tasks and itt not in self._tmf:
+            if (itt and itt not in self.tasks and itt not in self._tmf
+                    and itt not in self._aborting):
                 return itt
 
     def _issue(self, task: Task) -> None:
@@ -181,7 +211,30 @@ class Session:
                               cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn,
                               ref_cmd_sn=task.cmd_sn, exp_data_sn=task.exp_data_sn)
         self._tmf[itt] = tmf
+        self._tmf_sent[itt] = self.now
+        self.aborts += 1
         self._outbox.append(tmf)
+
+    def _abort_for_reissue(self, task: Task) -> None:
+        """No status in time: ABORT TASK; its answer decides (``_tmf_done``)."""
+        self._aborting[task.itt] = task
+        self.abort(task)
+
+    def _retry(self, task: Task, why: str) -> list[Event]:
+        """Put ``task`` back in line, or fail it when its attempts are spent."""
+        if task.attempts >= self.bounds.max_attempts:
+            return self._fail(task, f"{why}; gave up after {task.attempts} attempts")
+        task.reset_attempt()
+        task.queued_at = self.now
+        task.sent_at = None
+        self.waiting.appendleft(task)
+        return []
+
+    def _fail(self, task: Task, reason: str) -> list[Event]:
+        self.tasks.pop(task.itt, None)
+        task.error = reason
+        task.done = True
+        return [TaskDone(task)]
 
     def reissue(self, itt: int) -> Task | None:
         """After ABORT TASK ended the task at the target: issue it again (new ITT, new
@@ -195,29 +248,69 @@ class Session:
         return task
 
     def logout(self, reason: int = LogoutReason.CLOSE_SESSION) -> None:
+        self._logout_due = None
+        self._logout_sent = self.now
         self._logout_itt = self._new_itt()
         self._outbox.append(LogoutRequest(itt=self._logout_itt, reason=reason, cid=0,
                                           cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
 
-    def take_outgoing(self) -> list[Pdu]:
+    def take_outgoing(self, now: float | None = None) -> list[Pdu]:
+        """What to send, in order. A command's deadline starts here (it is sent now)."""
+        if now is not None:
+            self.now = now
         out, self._outbox = self._outbox, []
+        for pdu in out:
+            if isinstance(pdu, ScsiCommand):
+                task = self.tasks.get(pdu.itt)
+                if task is not None:
+                    task.sent_at = self.now
         return out
 
     # -- time
 
     def tick(self, now: float) -> list[Event]:
-        """NOP-Out pings when idle; a ping unanswered in time fails the connection."""
+        """Deadlines (``userland.policy``) and NOP-Out pings when idle."""
+        self.now = now
+        b = self.bounds
+        events: list[Event] = []
+        if self._logout_itt is not None and now - self._logout_sent > b.abort_timeout:
+            return [ConnectionFailed(f"Logout unanswered in {b.abort_timeout:g} s")]
+        for itt, sent in self._tmf_sent.items():
+            if now - sent > b.abort_timeout:
+                tmf = self._tmf[itt]
+                return [ConnectionFailed(f"Task Management Function {tmf.function} for ITT "
+                                         f"{tmf.rtt:#x} unanswered in {b.abort_timeout:g} s")]
+        for task in list(self.tasks.values()):
+            if task.itt in self._aborting:
+                continue
+            if task.sent_at is None:
+                if now - task.queued_at > b.window_timeout:
+                    # Issued but still in the outbox: the target does not read.
+                    return [ConnectionFailed(f"could not send a command in "
+                                             f"{b.window_timeout:g} s (the target is not "
+                                             "reading)")]
+            elif now - task.sent_at > b.command_timeout:
+                self._abort_for_reissue(task)
+        for task in list(self.waiting):
+            if now - task.queued_at > b.window_timeout:
+                self.waiting.remove(task)
+                why = ("the target's CmdSN window stayed closed"
+                       if not sn_le(self.cmd_sn, self.max_cmd_sn) else "the queue stayed full")
+                events += self._fail(task, f"command {task.cdb[0]:#04x} could not be sent in "
+                                           f"{b.window_timeout:g} s ({why})")
+        if self._logout_due is not None and (not self.tasks or now >= self._logout_due):
+            self.logout()
         if self._ping_itt is not None:
             if now - self._ping_sent > self.nop_timeout:
-                return [ConnectionFailed(f"no answer to a NOP-Out ping in "
-                                         f"{self.nop_timeout:g} s")]
-            return []
+                return [*events, ConnectionFailed(f"no answer to a NOP-Out ping in "
+                                                  f"{self.nop_timeout:g} s")]
+            return events
         if self.nop_interval > 0 and now - self.last_rx >= self.nop_interval:
             self._ping_itt = self._new_itt()
             self._ping_sent = now
             self._outbox.append(NopOut(immediate=True, itt=self._ping_itt, cmd_sn=self.cmd_sn,
                                        exp_stat_sn=self.exp_stat_sn))
-        return []
+        return events
 
     # -- receiving
 
@@ -230,16 +323,28 @@ class Session:
 
     def receive(self, pdu: Pdu, now: float, *, placed: bool = False) -> list[Event]:
         """Feed one PDU. ``placed``: a Data-In payload already sits in its task's buffer."""
-        self.last_rx = now
+        self.last_rx = self.now = now
         try:
             events = self._dispatch(pdu, placed)
+        except TaskFault as fault:
+            events = self._fault(fault.task, str(fault))
         except ProtocolError as exc:
             return [ConnectionFailed(str(exc))]
         self._issue_waiting()
         return events
 
-    def _window(self, pdu: Pdu, *, status: bool) -> None:
-        """ExpCmdSN/MaxCmdSN (4.2.2.1: ignore stale or inconsistent values), and StatSN."""
+    def _fault(self, task: Task, reason: str) -> list[Event]:
+        """One command answered wrongly: it fails (never reissued), and is aborted at the
+        target so that nothing more comes for it; until then its PDUs are dropped."""
+        events = self._fail(task, f"protocol error: {reason}")
+        self._aborting[task.itt] = None
+        self.abort(task)
+        return events
+
+    def _window(self, pdu: Pdu, *, status: bool, gap_ok: bool = False) -> None:
+        """ExpCmdSN/MaxCmdSN (4.2.2.1: ignore stale or inconsistent values), and StatSN.
+        ``gap_ok``: Async Message and Reject, which some targets (IET, tgt) count in
+        StatSN and others do not; Linux takes their StatSN as it comes, and so do we."""
         exp = getattr(pdu, "exp_cmd_sn", None)
         mx = getattr(pdu, "max_cmd_sn", None)
         if exp is not None and mx is not None and sn_le(exp, sn_add(mx, 1)):
@@ -249,9 +354,17 @@ class Session:
                 self.exp_cmd_sn = exp
         stat_sn = getattr(pdu, "stat_sn", None)
         if status and stat_sn is not None and sn_le(self.exp_stat_sn, stat_sn):
+            if stat_sn != self.exp_stat_sn and not gap_ok:
+                # A status we never saw: at ERL 0 only a new connection settles its fate.
+                raise ProtocolError(f"StatSN gap: got {stat_sn}, expected {self.exp_stat_sn}")
             self.exp_stat_sn = sn_add(stat_sn, 1)
 
     def _dispatch(self, pdu: Pdu, placed: bool) -> list[Event]:
+        if isinstance(pdu, DataIn | ScsiResponse | R2T) and pdu.itt in self._aborting \
+                and pdu.itt not in self.tasks:
+            self._window(pdu, status=not isinstance(pdu, R2T) and (
+                not isinstance(pdu, DataIn) or pdu.has_status))
+            return []  # late words about a command we already ended
         if isinstance(pdu, DataIn):
             self._window(pdu, status=pdu.has_status)
             return self._data_in(pdu, placed)
@@ -266,22 +379,19 @@ class Session:
             self._window(pdu, status=pdu.itt != RESERVED_TAG)
             return self._nop_in(pdu)
         if isinstance(pdu, AsyncMessage):
-            self._window(pdu, status=False)
+            self._window(pdu, status=True, gap_ok=True)
             return self._async(pdu)
         if isinstance(pdu, Reject):
-            self._window(pdu, status=False)
+            self._window(pdu, status=True, gap_ok=True)
             return self._reject(pdu)
         if isinstance(pdu, TaskMgmtResponse):
             self._window(pdu, status=True)
-            tmf = self._tmf.pop(pdu.itt, None)
-            if tmf is None:
-                raise ProtocolError(f"Task Management Response for unknown ITT {pdu.itt:#x}")
-            return [TmfDone(tmf.function, tmf.rtt, pdu.response)]
+            return self._tmf_done(pdu)
         if isinstance(pdu, LogoutResponse):
             self._window(pdu, status=True)
-            if pdu.itt != self._logout_itt:
+            if self._logout_itt is None or pdu.itt != self._logout_itt:
                 raise ProtocolError(f"Logout Response for unknown ITT {pdu.itt:#x}")
-            return [LogoutDone(pdu.response)]
+            return [LogoutDone(pdu.response, pdu.time2wait)]
         raise ProtocolError(f"unexpected {type(pdu).__name__} in full feature phase")
 
     def _task(self, itt: int, what: str) -> Task:
@@ -293,16 +403,19 @@ class Session:
     def _data_in(self, pdu: DataIn, placed: bool) -> list[Event]:
         task = self._task(pdu.itt, "Data-In")
         if pdu.data_sn != task.exp_data_sn:
-            raise ProtocolError(f"Data-In DataSN {pdu.data_sn}, expected {task.exp_data_sn} "
-                                f"(ITT {pdu.itt:#x})")
+            raise TaskFault(task, f"Data-In DataSN {pdu.data_sn}, expected {task.exp_data_sn} "
+                                  f"(ITT {pdu.itt:#x})")
         task.exp_data_sn += 1
         n = len(pdu.data)
         if pdu.buffer_offset + n > task.read_length:
-            raise ProtocolError(f"Data-In at offset {pdu.buffer_offset}+{n} beyond the "
-                                f"{task.read_length} bytes expected")
+            raise TaskFault(task, f"Data-In at offset {pdu.buffer_offset}+{n} beyond the "
+                                  f"{task.read_length} bytes expected")
+        if task.received + n > task.read_length:
+            raise TaskFault(task, f"Data-In: {task.received + n} bytes for a "
+                                  f"{task.read_length}-byte read (overlapping)")
         if self.params.data_pdu_in_order and pdu.buffer_offset != task.received:
-            raise ProtocolError(f"Data-In offset {pdu.buffer_offset}, expected "
-                                f"{task.received} (DataPDUInOrder=Yes)")
+            raise TaskFault(task, f"Data-In offset {pdu.buffer_offset}, expected "
+                                  f"{task.received} (DataPDUInOrder=Yes)")
         if not placed:
             task.data[pdu.buffer_offset:pdu.buffer_offset + n] = pdu.data
         task.received += n
@@ -311,13 +424,19 @@ class Session:
         task.status = pdu.status
         task.residual = pdu.residual_count if pdu.underflow else (
             -pdu.residual_count if pdu.overflow else 0)
+        if pdu.underflow and task.received + pdu.residual_count != task.read_length:
+            raise TaskFault(task, f"Data-In: {task.received} bytes and a residual of "
+                                  f"{pdu.residual_count} for a {task.read_length}-byte read")
         return self._complete(task)
 
     def _response(self, pdu: ScsiResponse) -> list[Event]:
         task = self._task(pdu.itt, "SCSI Response")
         task.response = pdu.response
         task.status = pdu.status
-        task.sense = pdu.sense() if pdu.status else b""
+        try:
+            task.sense = pdu.sense() if pdu.status else b""
+        except ProtocolError as exc:
+            raise TaskFault(task, str(exc)) from None
         task.residual = pdu.residual_count if pdu.underflow else (
             -pdu.residual_count if pdu.overflow else 0)
         return self._complete(task)
@@ -330,24 +449,33 @@ class Session:
     def _r2t(self, pdu: R2T) -> None:
         task = self._task(pdu.itt, "R2T")
         if not task.write_length:
-            raise ProtocolError(f"R2T for ITT {pdu.itt:#x}, a command with no data to send")
+            raise TaskFault(task, f"R2T for ITT {pdu.itt:#x}, a command with no data to send")
         if pdu.r2t_sn != task.exp_r2t_sn:
-            raise ProtocolError(f"R2TSN {pdu.r2t_sn}, expected {task.exp_r2t_sn}")
+            raise TaskFault(task, f"R2TSN {pdu.r2t_sn}, expected {task.exp_r2t_sn}")
         task.exp_r2t_sn += 1
-        end = pdu.buffer_offset + pdu.desired_data_transfer_length
+        want = pdu.desired_data_transfer_length
+        end = pdu.buffer_offset + want
+        if want == 0:
+            raise TaskFault(task, "R2T asks for 0 bytes")
         if end > task.write_length:
-            raise ProtocolError(f"R2T asks for bytes up to {end} of a {task.write_length}-byte "
-                                "write")
-        if pdu.desired_data_transfer_length > self.params.max_burst_length:
-            raise ProtocolError(f"R2T asks for {pdu.desired_data_transfer_length} bytes, more "
-                                f"than MaxBurstLength {self.params.max_burst_length}")
-        self._data_out(task, pdu.ttt, pdu.buffer_offset, pdu.desired_data_transfer_length)
+            raise TaskFault(task, f"R2T asks for bytes up to {end} of a "
+                                  f"{task.write_length}-byte write")
+        if want > self.params.max_burst_length:
+            raise TaskFault(task, f"R2T asks for {want} bytes, more than MaxBurstLength "
+                                  f"{self.params.max_burst_length}")
+        self._data_out(task, pdu.ttt, pdu.buffer_offset, want)
 
     def _nop_in(self, pdu: NopIn) -> list[Event]:
         if pdu.ttt != RESERVED_TAG:  # the target pings: answer at once, echoing its data
+            pending = sum(1 for p in self._outbox
+                          if isinstance(p, NopOut) and p.itt == RESERVED_TAG)
+            if pending >= self.bounds.max_echo_pending:
+                self.echoes_dropped += 1  # it is not reading: memory is ours to bound
+                return []
+            data = bytes(pdu.data[:self.params.max_xmit_data_segment_length])
             self._outbox.append(NopOut(immediate=True, itt=RESERVED_TAG, ttt=pdu.ttt,
                                        lun=pdu.lun, cmd_sn=self.cmd_sn,
-                                       exp_stat_sn=self.exp_stat_sn, data=bytes(pdu.data)))
+                                       exp_stat_sn=self.exp_stat_sn, data=data))
         elif pdu.itt != RESERVED_TAG:
             if pdu.itt != self._ping_itt:
                 raise ProtocolError(f"NOP-In answers ITT {pdu.itt:#x}, a ping we never sent")
@@ -356,23 +484,54 @@ class Session:
 
     def _async(self, pdu: AsyncMessage) -> list[Event]:
         event = pdu.async_event
-        if event == AsyncEvent.LOGOUT_REQUESTED:
-            return [LogoutRequested(pdu.parameter3)]
+        if event in (AsyncEvent.LOGOUT_REQUESTED, AsyncEvent.NEGOTIATION_REQUESTED):
+            # 11.9.1: log out within Parameter3 s; commands in flight may finish first.
+            # Negotiation: we have nothing to renegotiate; a logout and relogin answers it.
+            if self._logout_itt is not None or self._logout_due is not None:
+                return []
+            within = pdu.parameter3 if event == AsyncEvent.LOGOUT_REQUESTED else 0
+            self._logout_due = self.now + min(float(within), self.bounds.command_timeout)
+            if not self.tasks:
+                self.logout()
+            return [LogoutRequested(within)]
         if event in (AsyncEvent.CONNECTION_DROPPED, AsyncEvent.SESSION_DROPPED):
             what = "connection" if event == AsyncEvent.CONNECTION_DROPPED else "session"
-            return [ConnectionFailed(f"target dropped the {what} (Async Message)")]
-        if event == AsyncEvent.NEGOTIATION_REQUESTED:
-            # We have nothing to renegotiate; a clean logout and relogin is the answer.
-            return [LogoutRequested(0)]
+            # Parameter2 is Time2Wait; Parameter3 (Time2Retain) matters only above ERL 0.
+            return [ConnectionFailed(f"target dropped the {what} (Async Message)",
+                                     float(pdu.parameter2))]
         return []  # SCSI async events (sense) and vendor events: nothing to do at ERL 0
 
     def _reject(self, pdu: Reject) -> list[Event]:
         itt = pdu.rejected_itt()
-        task = self.tasks.get(itt) if itt is not None else None
         reason = f"target rejected a PDU (reason 0x{pdu.reason:02x})"
+        task = self.tasks.get(itt) if itt is not None else None
         if task is not None:
-            return [ConnectionFailed(f"{reason} for ITT {itt:#x}")]
+            raise TaskFault(task, f"{reason} of command {task.cdb[0]:#04x}")
+        if itt is not None and itt == self._ping_itt:
+            self._ping_itt = None  # our ping was refused: the target is alive all the same
+            return []
+        if itt == RESERVED_TAG or (itt is not None and itt in self._aborting):
+            return []  # a ping echo, or words about a command already ended
         return [ConnectionFailed(reason)]
+
+    def _tmf_done(self, pdu: TaskMgmtResponse) -> list[Event]:
+        tmf = self._tmf.pop(pdu.itt, None)
+        self._tmf_sent.pop(pdu.itt, None)
+        if tmf is None:
+            raise ProtocolError(f"Task Management Response for unknown ITT {pdu.itt:#x}")
+        events: list[Event] = [TmfDone(tmf.function, tmf.rtt, pdu.response)]
+        if tmf.rtt not in self._aborting:
+            return events
+        task = self._aborting.pop(tmf.rtt)
+        if task is None or task.done or self.tasks.get(tmf.rtt) is not task:
+            return events  # a faulted command, or its status came first
+        if pdu.response not in (TMF_FUNCTION_COMPLETE, TMF_TASK_DOES_NOT_EXIST):
+            # Not aborted: only a new connection (ERL 0) makes the task's fate certain.
+            return [*events, ConnectionFailed(f"target refused ABORT TASK "
+                                              f"(response {pdu.response})")]
+        del self.tasks[tmf.rtt]
+        return events + self._retry(task, f"command {task.cdb[0]:#04x} had no status in "
+                                          f"{self.bounds.command_timeout:g} s")
 
     # -- recovery
 
@@ -381,17 +540,28 @@ class Session:
         live = sorted(self.tasks.values(), key=lambda t: (t.cmd_sn - self.cmd_sn) & 0xFFFFFFFF)
         return [*live, *self.waiting]
 
-    def restart(self, login: LoginResult, now: float) -> None:
-        """After a relogin (ERL 0): issue every task that had no status again."""
+    def restart(self, login: LoginResult, now: float) -> list[Event]:
+        """After a relogin (ERL 0): issue every task that had no status again, but no
+        task more than ``max_attempts`` times in all. Returns the tasks that failed."""
         pending = self.unfinished()
         self.tasks.clear()
         self.waiting.clear()
         self._outbox.clear()
         self._begin(login, now)
+        events: list[Event] = []
         for task in pending:
+            if task.sent_at is None and task.itt != RESERVED_TAG:
+                task.attempts -= 1  # issued while the connection was down: never sent
+            if task.attempts >= self.bounds.max_attempts:
+                events += self._fail(task, f"command {task.cdb[0]:#04x} had no status after "
+                                           f"{task.attempts} attempts across relogins")
+                continue
             task.reset_attempt()
+            task.queued_at = now
+            task.sent_at = None
             self.waiting.append(task)
         self._issue_waiting()
+        return events
 
     def fail_all(self, reason: str) -> list[Task]:
         """Past the replacement timeout: every unfinished task ends with an error."""

@@ -26,7 +26,9 @@ class Task:
     residual: int = 0  # > 0 underflow (short), < 0 overflow
     done: bool = False
     error: str | None = None  # set when the task failed outside SCSI (session lost)
-    attempts: int = 0
+    attempts: int = 0  # times issued; bounded by policy.Bounds.max_attempts
+    queued_at: float = 0.0  # when it last joined the line to be issued
+    sent_at: float | None = None  # when this attempt went to the connection
     # -- per-attempt protocol state
     exp_data_sn: int = 0
     exp_r2t_sn: int = 0

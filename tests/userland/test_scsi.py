@@ -325,6 +325,13 @@ def test_vpd_wrong_page_and_truncation() -> None:
         vpd_total_length(b"\0")
 
 
+def test_vpd_total_length_within_what_an_inquiry_can_ask() -> None:
+    """The total sizes the next INQUIRY, whose allocation length is 16 bits (SPC-4 6.6.1)."""
+    assert vpd_total_length(b"\0\x83\xff\xfb") == 0xFFFF
+    with pytest.raises(ProtocolError, match="page length 65532 is beyond"):
+        vpd_total_length(b"\0\x83\xff\xfc")
+
+
 NAA = bytes.fromhex("6001405a1b2c3d4e5f60718293a4b5c6")
 
 

@@ -19,6 +19,7 @@ from userland.pdu import (
     NopOut,
     ScsiCommand,
     ScsiResponse,
+    TaskMgmtRequest,
 )
 from userland.session import ConnectionFailed, Session, TaskDone
 from userland.task import Task
@@ -73,15 +74,17 @@ def test_any_split_of_data_in_reassembles(sizes: list[int]) -> None:
     assert events == [TaskDone(task)] and bytes(task.data) == payload
 
 
-def test_data_in_faults_fail_the_connection() -> None:
+def test_data_in_faults_fail_the_command_and_unknown_itts_the_connection() -> None:
     s = Session(login_result())
-    task = Task(lun=0, cdb=b"\x28", read_length=8)
-    s.submit(task)
-    s.take_outgoing()
-    [event] = s.receive(data_in(task, 1, 0, b"abcd"), 0)
-    assert isinstance(event, ConnectionFailed) and "DataSN 1, expected 0" in event.reason
-    [event] = s.receive(data_in(task, 0, 4, b"abcdefgh"), 0)
-    assert isinstance(event, ConnectionFailed) and "beyond" in event.reason
+    for (sn, offset, data), words in (((1, 0, b"abcd"), "DataSN 1, expected 0"),
+                                      ((0, 4, b"abcdefgh"), "beyond")):
+        task = Task(lun=0, cdb=b"\x28", read_length=8)
+        s.submit(task)
+        s.take_outgoing()
+        [event] = s.receive(data_in(task, sn, offset, data), 0)
+        assert event == TaskDone(task) and task.error is not None and words in task.error
+        [abort] = s.take_outgoing()  # the target is told to forget it
+        assert isinstance(abort, TaskMgmtRequest) and abort.rtt == task.itt
     [event] = s.receive(DataIn(itt=999, data=b"x"), 0)
     assert isinstance(event, ConnectionFailed) and "no live task" in event.reason
 
@@ -120,7 +123,7 @@ def test_write_with_initial_r2t_and_no_immediate_data_waits_for_r2t() -> None:
     assert isinstance(cmd, ScsiCommand) and cmd.final and not cmd.data
     [event] = s.receive(R2T(itt=task.itt, ttt=1, r2t_sn=0, buffer_offset=0,
                             desired_data_transfer_length=20000), 0)
-    assert isinstance(event, ConnectionFailed) and "20000" in event.reason
+    assert event == TaskDone(task) and task.error is not None and "20000" in task.error
 
 
 def test_cmd_sn_window_holds_commands_back() -> None:

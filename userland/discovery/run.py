@@ -1,8 +1,17 @@
-"""SendTargets=All on a discovery session: login, one Text exchange, logout."""
+"""SendTargets=All on a discovery session: login, one Text exchange, logout.
+
+The whole of it (connect, login, SendTargets, logout) runs under one deadline.
+"""
 
 from __future__ import annotations
 
-from userland.discovery.sendtargets import DiscoveredTarget, parse_send_targets
+import time
+
+from userland.discovery.sendtargets import (
+    MAX_SENDTARGETS_BYTES,
+    DiscoveredTarget,
+    SendTargetsParser,
+)
 from userland.exchange import Exchange
 from userland.login.chap import Credentials
 from userland.login.machine import LoginConfig, new_isid
@@ -12,13 +21,17 @@ from userland.portal import Portal
 
 def discover(portal: Portal, *, initiator_name: str, credentials: Credentials | None = None,
              mutual: Credentials | None = None, chap_algorithms: tuple[int, ...] = (5,),
-             timeout: float = DEFAULT_LOGIN_TIMEOUT) -> list[DiscoveredTarget]:
+             timeout: float = DEFAULT_LOGIN_TIMEOUT,
+             max_bytes: int = MAX_SENDTARGETS_BYTES) -> list[DiscoveredTarget]:
+    deadline = time.monotonic() + timeout
     config = LoginConfig(initiator_name=initiator_name, target_name=None, isid=new_isid(),
                          credentials=credentials, mutual=mutual,
                          chap_algorithms=chap_algorithms)
-    session = login(portal, config, timeout=timeout)
+    session = login(portal, config, deadline=deadline)
     with session.connection:
         exchange = Exchange(session.connection, session.result)
-        pairs = exchange.text([("SendTargets", "All")], timeout=timeout)
-        exchange.logout(timeout=timeout)
-    return parse_send_targets(pairs, discovery_portal=session.portal)
+        parser = SendTargetsParser(discovery_portal=session.portal)
+        exchange.text([("SendTargets", "All")], deadline=deadline, consume=parser.feed,
+                      max_bytes=max_bytes)
+        exchange.logout(deadline=deadline)
+    return parser.result()

@@ -10,11 +10,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets as _random
 from collections import deque
 from dataclasses import dataclass
 
 from userland.errors import AuthenticationError, ConfigError, ProtocolError
+from userland.printable import escape
 
 CHAP_ALGORITHMS: dict[int, str] = {5: "md5", 6: "sha1", 7: "sha256", 8: "sha3_256"}
 ALGORITHM_NAMES: dict[str, int] = {"md5": 5, "sha1": 6, "sha-1": 6, "sha256": 7,
@@ -84,17 +86,45 @@ def encode_binary(value: bytes) -> str:
     return "0x" + value.hex()
 
 
-def decode_binary(key: str, text: str) -> bytes:
-    """Accept 0x hex (any case, odd length left-padded) or 0b base64 (RFC 7143 6.1)."""
+# RFC 7143 6.1: hex-constant and base64-constant, nothing else (no spaces, no sign).
+_HEX_BODY = re.compile(r"[0-9A-Fa-f]+")
+_BASE64_BODY = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,2}")  # CHAP_I and CHAP_A: small decimal numbers
+
+
+def decode_binary(key: str, text: str, *, max_bytes: int = MAX_CHALLENGE) -> bytes:
+    """0x hex (any case, odd length left-padded) or 0b base64 (RFC 7143 6.1), strictly.
+
+    The length is checked on the text before anything is decoded: a target cannot make
+    us decode more than ``max_bytes``.
+    """
     prefix, body = text[:2].lower(), text[2:]
-    try:
-        if prefix == "0x" and body:
-            return bytes.fromhex(body if len(body) % 2 == 0 else "0" + body)
-        if prefix == "0b" and body:
-            return base64.b64decode(body, validate=True)
-    except (ValueError, binascii.Error):
-        pass
-    raise ProtocolError(f"{key}: not a valid 0x/0b binary value")
+    if prefix == "0x" and _HEX_BODY.fullmatch(body):
+        if (len(body) + 1) // 2 > max_bytes:
+            raise ProtocolError(f"{key}: {(len(body) + 1) // 2} bytes exceeds {max_bytes}")
+        return bytes.fromhex(body if len(body) % 2 == 0 else "0" + body)
+    if prefix == "0b" and body and _BASE64_BODY.fullmatch(body):
+        if len(body) // 4 * 3 > max_bytes + 2:
+            raise ProtocolError(f"{key}: about {len(body) // 4 * 3} bytes exceeds "
+                                f"{max_bytes}")
+        try:
+            value = base64.b64decode(body, validate=True)
+        except (ValueError, binascii.Error):
+            pass
+        else:
+            if len(value) > max_bytes:
+                raise ProtocolError(f"{key}: {len(value)} bytes exceeds {max_bytes}")
+            return value
+    raise ProtocolError(f"{key}: not a valid 0x (hex) or 0b (base64) binary value "
+                        "(RFC 7143 6.1)")
+
+
+def parse_small_decimal(key: str, text: str, maximum: int) -> int:
+    """CHAP_I and CHAP_A: a decimal number 0..maximum; no sign, space, 0x or 0b."""
+    if not _DECIMAL.fullmatch(text) or int(text) > maximum:
+        raise ProtocolError(f"target sent {key}={escape(text, limit=40)}: not a decimal "
+                            f"number in 0..{maximum} (RFC 7143 12.1.3)")
+    return int(text)
 
 
 def chap_response(algorithm: int, identifier: int, secret: Secret, challenge: bytes) -> bytes:
@@ -161,21 +191,16 @@ class ChapExchange:
 
     def answer_challenge(self, keys: dict[str, str]) -> list[tuple[str, str]]:
         """The target sent CHAP_A, CHAP_I, CHAP_C: compute our CHAP_N/CHAP_R (and challenge)."""
-        try:
-            algorithm = int(keys["CHAP_A"])
-            identifier = int(keys["CHAP_I"], 0)
-            challenge_text = keys["CHAP_C"]
-        except KeyError as exc:
-            raise ProtocolError(f"target's CHAP challenge lacks {exc.args[0]}") from None
-        except ValueError:
-            raise ProtocolError("target sent a non-numeric CHAP_A or CHAP_I") from None
+        for key in ("CHAP_A", "CHAP_I", "CHAP_C"):
+            if key not in keys:
+                raise ProtocolError(f"target's CHAP challenge lacks {key}")
+        algorithm = parse_small_decimal("CHAP_A", keys["CHAP_A"], 255)
+        identifier = parse_small_decimal("CHAP_I", keys["CHAP_I"], 255)
         if algorithm not in self.algorithms:
             offered = ",".join(map(str, self.algorithms))
             raise ProtocolError(f"target chose CHAP_A={algorithm}, outside what we offered "
                                 f"({offered})")
-        if not 0 <= identifier <= 255:
-            raise ProtocolError(f"CHAP_I={identifier} is outside 0..255")
-        challenge = decode_binary("CHAP_C", challenge_text)
+        challenge = decode_binary("CHAP_C", keys["CHAP_C"])
         check_target_challenge(challenge)
         self.algorithm = algorithm
         reply = [("CHAP_N", self.credentials.user),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from userland.errors import AuthenticationError, ProtocolError
+from userland.errors import AuthenticationError, ConfigError, NegotiationError, ProtocolError
 from userland.keys import (
     Negotiated,
     Negotiator,
@@ -27,6 +27,7 @@ from userland.keys import (
 from userland.login.chap import ChapExchange, Credentials, check_secrets
 from userland.login.status import REDIRECT_CLASS, status_error
 from userland.pdu import LoginRequest, LoginResponse, Stage, sn_add
+from userland.printable import escape
 
 Pair = tuple[str, str]
 
@@ -55,6 +56,11 @@ DISCOVERY_OFFERS: tuple[Pair, ...] = (
 LOGIN_SEGMENT = 8192
 MAX_ROUND_TRIPS = 32  # a target that never lets us transit must not loop us forever
 SECRET_KEYS = frozenset({"CHAP_R", "CHAP_C"})
+# 13.8: the one key a target may send more than once (a list of addresses).
+REPEATABLE_KEYS = frozenset({"TargetAddress"})
+# Where an expected TargetPortalGroupTag came from: a user's typo is a usage error (2),
+# a target contradicting its own discovery answer or redirect is a protocol error (7).
+TPGT_FROM_USER = "user"
 
 
 def new_isid() -> bytes:
@@ -83,10 +89,31 @@ class LoginConfig:
     initial_cmd_sn: int = 1
     exp_stat_sn: int = 0
     initiator_alias: str | None = None
+    # The portal group tag we expect (from --portal HOST:PORT,TPGT, SendTargets or a
+    # redirect); None: take what the target says. Where it came from, for the error.
+    expected_tpgt: int | None = None
+    expected_tpgt_from: str = TPGT_FROM_USER
 
     @property
     def session_type(self) -> str:
         return "Normal" if self.target_name else "Discovery"
+
+
+def config_for_redirect(config: LoginConfig, target_address: str,
+                        tpgt: int | None) -> LoginConfig:
+    """The config to log in with at a redirect's address: its TPGT is now the one due."""
+    if config.target_name is None:
+        return config
+    return replace(config, expected_tpgt=tpgt,
+                   expected_tpgt_from=f"the redirect to {escape(target_address, limit=80)}")
+
+
+def config_pinned(config: LoginConfig, tpgt: int | None) -> LoginConfig:
+    """The config for a relogin of a session: the target must keep the portal group tag
+    its first login declared (a recovery that lands in another group is refused)."""
+    if config.target_name is None or tpgt is None or config.expected_tpgt is not None:
+        return config
+    return replace(config, expected_tpgt=tpgt, expected_tpgt_from="the session's first login")
 
 
 @dataclass
@@ -126,6 +153,8 @@ class LoginMachine:
         self._next_nsg = 0
         self._chap: ChapExchange | None = None
         self._chap_step = "none"  # none -> method -> algorithm -> response -> done
+        self._security_keys_seen: set[str] = set()  # AuthMethod and CHAP_* from the target
+        self._first_text_done = False
         self.auth_method = "None"
         self.transcript: list[tuple[str, list[Pair]]] = []
 
@@ -187,10 +216,59 @@ class LoginMachine:
         if pairs is None:  # more of the target's text to come: ask for it
             return self._pdu(b"", cont=False, transit=False, nsg=0)
         self.transcript.append(("received", redact(pairs)))
+        self._check_repeats(pairs)
+        first, self._first_text_done = not self._first_text_done, True
 
         if self._stage == Stage.SECURITY:
-            return self._security(resp, pairs)
-        return self._operational(resp, pairs)
+            outcome = self._security(resp, pairs)
+        else:
+            outcome = self._operational(resp, pairs)
+        if first:
+            self._check_tpgt()
+        return outcome
+
+    def _check_repeats(self, pairs: Sequence[Pair]) -> None:
+        """6.3: a key is declared or negotiated once per login; a repeat is refused.
+
+        The Negotiator sees the operational keys across the whole login; the security
+        keys (AuthMethod, CHAP_*) are handled here, so they are counted here too.
+        """
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in REPEATABLE_KEYS:
+                continue
+            if key in seen:
+                raise NegotiationError(f"target sent {key} twice in one Login Response; "
+                                       "RFC 7143 6.3 forbids declaring or negotiating a key "
+                                       "more than once")
+            if key in self._security_keys_seen:
+                raise NegotiationError(f"target sent {key} again in a later Login Response; "
+                                       "RFC 7143 6.3 forbids negotiating a key twice")
+            seen.add(key)
+        self._security_keys_seen |= {k for k in seen
+                                     if k == "AuthMethod" or k.startswith("CHAP_")}
+
+    def _check_tpgt(self) -> None:
+        """13.9: the first Login Response of a normal session carries the portal group tag.
+
+        It must be there, and it must be the one we were told (the user's --portal
+        HOST:PORT,TPGT, the SendTargets answer, the redirect).
+        """
+        cfg = self.config
+        if cfg.target_name is None:
+            return  # 13.9: returned "when TargetName is given by the initiator"
+        tag = self.negotiator.target_portal_group_tag
+        if tag is None:
+            raise NegotiationError("target did not send TargetPortalGroupTag in its first "
+                                   "Login Response (RFC 7143 13.9)")
+        if cfg.expected_tpgt is not None and tag != cfg.expected_tpgt:
+            if cfg.expected_tpgt_from == TPGT_FROM_USER:
+                raise ConfigError(f"the portal was given with portal group tag "
+                                  f"{cfg.expected_tpgt}, but the target serves it in group "
+                                  f"{tag}; give ,{tag} or leave the tag out")
+            raise ProtocolError(f"target answered TargetPortalGroupTag={tag}, but "
+                                f"{cfg.expected_tpgt_from} said {cfg.expected_tpgt} "
+                                "(RFC 7143 13.9)")
 
     def _check_header(self, resp: LoginResponse) -> None:
         if resp.isid != self.config.isid:
@@ -241,10 +319,12 @@ class LoginMachine:
                 raise AuthenticationError(
                     "target offered no authentication (AuthMethod=None) while CHAP "
                     "credentials were given; refusing to log in unauthenticated")
-            raise AuthenticationError(f"target refused CHAP (answered AuthMethod={method})")
+            raise AuthenticationError(f"target refused CHAP (answered AuthMethod="
+                                      f"{escape(method, limit=40)})")
         if method != "None":
             raise AuthenticationError(
-                f"the target requires authentication (answered AuthMethod={method}) and no "
+                f"the target requires authentication (answered AuthMethod="
+                f"{escape(method, limit=40)}) and no "
                 "credentials were given (use --chap-user with --chap-secret-file)")
 
     def _chap_next(self, resp: LoginResponse, keys: dict[str, str],
@@ -297,12 +377,31 @@ class LoginMachine:
         return self._request(replies, transit=True, nsg=Stage.FULL_FEATURE)
 
     def _finish(self, resp: LoginResponse) -> LoginResult:
+        negotiated = self.negotiator.result()
+        self._check_required_digests(negotiated)
         if self.config.tsih == 0 and resp.tsih == 0:
             raise ProtocolError("final Login Response carries TSIH 0")
         if self.config.tsih and resp.tsih != self.config.tsih:
             raise ProtocolError("final Login Response changed the TSIH of our session")
         return LoginResult(
-            negotiated=self.negotiator.result(), isid=self.config.isid, tsih=resp.tsih,
+            negotiated=negotiated, isid=self.config.isid, tsih=resp.tsih,
             cid=self.config.cid, cmd_sn=resp.exp_cmd_sn, exp_stat_sn=self._exp_stat_sn,
             max_cmd_sn=resp.max_cmd_sn, auth_method=self.auth_method,
             warnings=[*self.warnings, *self.negotiator.warnings])
+
+    def _check_required_digests(self, negotiated: Negotiated) -> None:
+        """A digest the user required (CRC32C alone) must be what we got.
+
+        A target that answers Reject or NotUnderstood, or never answers, leaves the
+        default None (6.2): that is a failed login, never a silent session without it.
+        """
+        for key, offered, got in (
+                ("HeaderDigest", self.config.header_digest, negotiated.header_digest),
+                ("DataDigest", self.config.data_digest, negotiated.data_digest)):
+            if "None" in offered or got in offered:
+                continue
+            answer = self.negotiator.answer_to(key)
+            how = ("never answered it" if answer is None
+                   else f"answered {key}={escape(answer, limit=40)}")
+            raise NegotiationError(f"{key}={','.join(offered)} was required and the target "
+                                   f"{how}; refusing a session without it")

@@ -7,10 +7,23 @@ import time
 from dataclasses import dataclass
 
 from userland.connection import Connection
-from userland.errors import AuthenticationError, LoginTimeout, NetworkError, ProtocolError
-from userland.login.machine import LoginConfig, LoginMachine, LoginResult, Redirected
+from userland.errors import (
+    AuthenticationError,
+    ConfigError,
+    LoginTimeout,
+    NetworkError,
+    ProtocolError,
+)
+from userland.login.machine import (
+    LoginConfig,
+    LoginMachine,
+    LoginResult,
+    Redirected,
+    config_for_redirect,
+)
 from userland.pdu import LoginResponse
 from userland.portal import Portal
+from userland.printable import escape
 
 log = logging.getLogger("iscsi_handoff.login")
 MAX_REDIRECTS = 5
@@ -27,10 +40,15 @@ class LoggedIn:
     redirects: list[str]
 
 
-def login(portal: Portal, config: LoginConfig, *,
-          timeout: float = DEFAULT_LOGIN_TIMEOUT) -> LoggedIn:
-    """Connect and log in; the whole exchange, redirects included, within ``timeout``."""
-    deadline = time.monotonic() + timeout
+def login(portal: Portal, config: LoginConfig, *, timeout: float = DEFAULT_LOGIN_TIMEOUT,
+          deadline: float | None = None) -> LoggedIn:
+    """Connect and log in; the whole exchange, redirects included, within ``timeout``.
+
+    ``deadline`` (a ``time.monotonic()`` value), when given, replaces ``timeout``: a
+    command shares one deadline between login and what follows it.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     hops: list[str] = []
     while True:
         conn = Connection.open(portal, deadline=deadline)
@@ -49,11 +67,15 @@ def login(portal: Portal, config: LoginConfig, *,
         hops.append(outcome.target_address)
         if len(hops) > MAX_REDIRECTS:
             raise ProtocolError(f"login redirected more than {MAX_REDIRECTS} times "
-                                f"({' -> '.join(hops)})")
-        new_portal = Portal.parse(outcome.target_address, what="redirect TargetAddress")
+                                f"({escape(' -> '.join(hops))})")
+        try:
+            new_portal = Portal.parse(outcome.target_address, what="redirect TargetAddress")
+        except ConfigError as exc:  # the target's address, not the user's: exit 7
+            raise ProtocolError(str(exc)) from None
         kind = "permanently" if outcome.permanent else "temporarily"
         log.info("target moved %s to %s", kind, new_portal)
         portal = new_portal
+        config = config_for_redirect(config, outcome.target_address, new_portal.tpgt)
 
 
 def login_on(conn: Connection, config: LoginConfig, *,
@@ -101,5 +123,6 @@ def login_on(conn: Connection, config: LoginConfig, *,
 def _log_transcript(machine: LoginMachine, start: int) -> None:
     for direction, pairs in machine.transcript[start:]:
         for key, value in pairs:
-            log.info("login %s %s=%s", "->" if direction == "sent" else "<-", key, value)
+            log.info("login %s %s=%s", "->" if direction == "sent" else "<-", key,
+                     escape(value))
 
