@@ -39,6 +39,7 @@ import click
 
 from iscsi_handoff import kernel_adopt, registry, sdnotify
 from iscsi_handoff import kernel_owners as owners
+from iscsi_handoff.output import emit_ready
 from kernel_handoff.errors import KernelUnavailable
 from kernel_handoff.handoff import HandoffOptions, KernelSession, handoff
 from kernel_handoff.netlink import IscsiNetlink
@@ -141,7 +142,8 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
                 opts.on_ready()
             if opts.pidfile is not None:
                 owners.write_pidfile(opts.pidfile)
-            sdnotify.notify("READY=1", "STATUS=" + _status_text(state))
+            # READY=1 (systemd's Type=notify, `login --all`) once the disks exist
+            emit_ready(_ready_doc(state), echo=False)
             if detached is not None:
                 detached.ready()
             # From here a signal ends the wait for kernel events instead of raising
@@ -344,13 +346,16 @@ def session_json(s: KernelSession) -> dict[str, Any]:
     }
 
 
+def _ready_doc(state: KeeperState) -> dict[str, Any]:
+    return {"path": "kernel", "pid": os.getpid(),
+            "sessions": [dict(session_json(k.session), adopted=k.sid in state.adopted)
+                         for k in state.keepers]}
+
+
 def _announce(state: KeeperState, opts: KernelOptions) -> None:
     keepers = state.keepers
     if opts.as_json:
-        click.echo(json.dumps({"path": "kernel", "pid": os.getpid(),
-                               "sessions": [dict(session_json(k.session),
-                                                 adopted=k.sid in state.adopted)
-                                            for k in keepers]}, indent=2))
+        click.echo(json.dumps(_ready_doc(state), indent=2))
     else:
         for keeper in keepers:
             for line in session_lines(keeper.session):
@@ -363,11 +368,6 @@ def _announce(state: KeeperState, opts: KernelOptions) -> None:
     else:
         _status("serving; Ctrl-C or SIGTERM to log out", opts)
 
-
-def _status_text(state: KeeperState) -> str:
-    disks = [d.dev for k in state.keepers for d in k.session.disks]
-    return (f"keeping session(s) {', '.join(str(k.sid) for k in state.keepers)}: "
-            f"{' '.join(disks) or 'no disks'}")
 
 
 def _status(text: str, opts: KernelOptions) -> None:
