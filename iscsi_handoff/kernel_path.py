@@ -143,7 +143,7 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
             if opts.pidfile is not None:
                 owners.write_pidfile(opts.pidfile)
             # READY=1 (systemd's Type=notify, `login --all`) once the disks exist
-            emit_ready(_ready_doc(state), echo=False)
+            emit_ready(_ready_doc(state))  # with --json also its one-line ready event
             if detached is not None:
                 detached.ready()
             # From here a signal ends the wait for kernel events instead of raising
