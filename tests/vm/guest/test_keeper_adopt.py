@@ -40,6 +40,10 @@ def _sessions_to(iqn: str) -> list[int]:
     return found
 
 
+def _state(sid: int) -> str:
+    return Path(f"/sys/class/iscsi_session/session{sid}/state").read_text().strip()
+
+
 def _cut(port: int) -> None:
     done = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
                           capture_output=True, text=True, timeout=30, check=False)
@@ -115,8 +119,9 @@ def test_kill9_then_login_adopts_and_recovers(tgt_session: Tgt,
 
 def test_daemon_sigterm_then_adopted_then_sighup(tgt_session: Tgt, tmp_path: Path) -> None:
     """One session through three keepers: a --daemon (a second login beside it is
-    refused), SIGTERM to it (the session stays), a foreground login that adopts it,
-    SIGHUP to that one (it keeps the session), and `logout`, which ends it."""
+    refused), SIGTERM to it (the session stays; its connection is then cut with nobody
+    to answer), a foreground login that adopts it and recovers it at once, SIGHUP to
+    that one (it keeps the session), and `logout`, which ends it."""
     tgt = tgt_session
     iqn = "iqn.2024-01.test.vmlab:adopt-daemon"
     target = tgt.add_target(iqn, luns=[LunSpec(size=LUN_SIZE)])
@@ -141,14 +146,19 @@ def test_daemon_sigterm_then_adopted_then_sighup(tgt_session: Tgt, tmp_path: Pat
         wait_for(lambda: owners.process_start_time(pid) is None, timeout=60,
                  what="the daemon to exit")
         assert _sessions_to(iqn) == [sid]  # left, not logged out
-        state = Path(f"/sys/class/iscsi_session/session{sid}/state").read_text().strip()
-        assert state == "LOGGED_IN"
+        assert _state(sid) == "LOGGED_IN"
         _round_trip(dev, backing, 2 << 20)  # no keeper: the kernel carries on
+        # A connection error nobody answers: the session waits, failed, for a keeper.
+        _cut(int(tgt.portal.rsplit(":", 1)[1]))
+        wait_for(lambda: _state(sid) == "FAILED", timeout=30, what="the session to fail")
 
         with KernelLogin(tgt.portal, iqn) as run:
             (disk,) = run.disks
             assert (disk.sid, disk.dev) == (sid, dev), run.output()
             assert f"session {sid}: adopted" in run.output()
+            # adopted with its connection down: recovered at once, no command typed
+            run.wait_line(rf"session {sid}: recovered in \d+ ms", timeout=120)
+            assert _state(sid) == "LOGGED_IN"
             assert _sessions_to(iqn) == [sid]
             _round_trip(dev, backing, 4 << 20)
 
