@@ -142,7 +142,7 @@ def write(record: Record) -> Path:
         folder.mkdir(parents=True, exist_ok=True, mode=0o755)
         tmp = folder / f".{record.name}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(record.to_json(), f, indent=1, sort_keys=True)
+            json.dump(record.to_json(), f, indent=1)  # details keep their order
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -366,9 +366,24 @@ def claim(record: Record, *, force: bool = False, sysfs_root: str = "/sys") -> R
                                     initiator_name=record.initiator_name,
                                     sysfs_root=sysfs_root)
             if found:
-                raise SessionExists(
-                    f"{record.target} at {record.portal} already has a session from "
-                    f"{record.initiator_name}: {'; '.join(found)} "
-                    "(`iscsi-handoff session list` shows it; --force logs in again)")
+                raise duplicate_error(record.target, record.portal, record.initiator_name,
+                                      found)
         write(record)
     return record
+
+
+def refuse_duplicate(*, target: str, portal: str, initiator_name: str,
+                     sysfs_root: str = "/sys") -> None:
+    """The check alone, without a claim: an early answer before anything is set up (the
+    keeper's claim() is what makes it race-free)."""
+    found = find_duplicates(target=target, portals=(portal,), initiator_name=initiator_name,
+                            sysfs_root=sysfs_root)
+    if found:
+        raise duplicate_error(target, portal, initiator_name, found)
+
+
+def duplicate_error(target: str, portal: str, initiator_name: str,
+                    found: list[str]) -> SessionExists:
+    return SessionExists(f"{target} at {portal} already has a session from "
+                         f"{initiator_name}: {'; '.join(found)} (`iscsi-handoff session "
+                         "list` shows it; --force logs in again)")
