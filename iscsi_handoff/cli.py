@@ -21,6 +21,7 @@ from iscsi_handoff import __version__
 from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.login_path import (
     check_fuse_prerequisites,
+    check_mountpoint,
     decide,
     prepare_mountpoint,
     session_mountpoint,
@@ -181,6 +182,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
             raise PathUnavailable("--trace needs the kernel path, which is unavailable "
                                   f"here: {choice.notice}")
         check_fuse_prerequisites(loop=choice.loop)
+        if fuse is not None:
+            check_mountpoint(fuse, force=force)
         refuse_duplicate(config, portal, force=force)
         if choice.notice is not None:
             click.echo(f"iscsi-handoff: {choice.notice}", err=True)
@@ -306,6 +309,8 @@ def mount(portal: Portal, mountpoint: Path, daemon: bool, pidfile: Path | None, 
     """
     opts = fuse_options_from(kw, mountpoint)
     assert opts is not None
+    check_fuse_prerequisites(loop=opts.loop)
+    check_mountpoint(mountpoint, force=force)
     auth = auth_from(kw)
     opts.login_timeout = auth.timeout
     targets = discover(portal, initiator_name=auth.initiator_name,

@@ -26,9 +26,10 @@ from fallback_fuse.tree import Tree, short_name
 from iscsi_handoff import registry, sysstate
 from iscsi_handoff.datapath import FuseOptions
 from iscsi_handoff.kernel_owners import Detached, remove_pidfile, write_pidfile
+from iscsi_handoff.login_path import check_mountpoint
 from iscsi_handoff.output import PARAM_KEYS
 from kernel_handoff.sysfs import by_path_name
-from userland.errors import ConfigError, PathUnavailable
+from userland.errors import PathUnavailable
 from userland.login.machine import LoginConfig, LoginResult
 from userland.lun import DISK, Lun, report_luns
 from userland.portal import Portal
@@ -61,21 +62,6 @@ def check_fuse_available() -> None:
     if not os.path.exists("/dev/fuse"):
         raise PathUnavailable("FUSE is unavailable: /dev/fuse is missing (modprobe fuse, or "
                               "run the container with --device /dev/fuse)")
-
-
-def check_mountpoint(path: Path, *, force: bool) -> None:
-    """No stacking: never over another mount, nor over files someone keeps there."""
-    if not path.is_dir():
-        raise ConfigError(f"mount point {path} is not a directory")
-    if force:
-        return
-    top = sysstate.top_mount(os.path.realpath(path))
-    if top is not None:
-        raise ConfigError(f"{path} is a mount point already ({top.fstype} from {top.source}):"
-                          " give another --fuse folder (or --force to mount over it)")
-    if any(path.iterdir()):
-        raise ConfigError(f"{path} is not empty: give an empty folder (or --force to hide "
-                          "what is in it while mounted)")
 
 
 def _claim(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from iscsi_handoff import registry
+from iscsi_handoff import registry, sysstate
 from iscsi_handoff.pathchoice import PathReport, probe_paths
 from userland.errors import ConfigError, PathUnavailable
 
@@ -109,3 +109,22 @@ def check_fuse_prerequisites(*, loop: bool) -> None:
     if loop and os.geteuid() != 0:
         raise PathUnavailable("--loop needs root (losetup attaches the storage file): run it "
                               "as root, or leave out --loop and use the storage file itself")
+
+
+def check_mountpoint(path: Path, *, force: bool) -> None:
+    """No stacking: never over another mount, nor over files someone keeps there."""
+    if not path.is_dir():
+        raise ConfigError(f"mount point {path} is not a directory")
+    if force:
+        return
+    top = sysstate.top_mount(os.path.realpath(path))
+    if top is not None:
+        raise ConfigError(f"{path} is a mount point already ({top.fstype} from {top.source}):"
+                          " give another --fuse folder (or --force to mount over it)")
+    try:
+        taken = any(path.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"cannot look into {path}: {exc.strerror}") from None
+    if taken:
+        raise ConfigError(f"{path} is not empty: give an empty folder (or --force to hide "
+                          "what is in it while mounted)")
