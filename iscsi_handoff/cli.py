@@ -230,6 +230,9 @@ def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions, *,
     from iscsi_handoff.daemon_log import log_detached
     from iscsi_handoff.kernel_owners import detach
 
+    # --daemon's child works from / : every path it keeps must not depend on the cwd.
+    opts.mountpoint = opts.mountpoint.absolute()
+    pidfile = pidfile.absolute() if pidfile is not None else None
     made = prepare_mountpoint(opts.mountpoint) if make_mountpoint else False
     keep = fuse_path.Keep(force=force, pidfile=pidfile, made_mountpoint=made)
     try:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from iscsi_handoff import registry, sysstate
 from userland.errors import ConfigError, IscsiError
@@ -117,6 +118,10 @@ def clean(r: registry.Record) -> list[str]:
     if r.made_mountpoint and r.mountpoint is not None and not os.path.ismount(r.mountpoint):
         with contextlib.suppress(OSError):
             os.rmdir(r.mountpoint)  # only while empty
+    if r.pidfile is not None and not registry.owner_alive(r):
+        with contextlib.suppress(OSError, ValueError):
+            if int(Path(r.pidfile).read_text().strip()) == r.pid:
+                os.unlink(r.pidfile)  # still naming the dead keeper: nobody else's
     registry.remove(r.name, pid=r.pid)
     return done
 

@@ -78,6 +78,7 @@ class Record:
     devices: tuple[str, ...] = ()  # kernel: /dev/sdX
     by_path: tuple[str, ...] = ()  # ip-ADDR:PORT-iscsi-IQN-lun-N names
     made_mountpoint: bool = False  # fuse: we created the folder, so we remove it
+    pidfile: str | None = None  # --pidfile: removed with a dead keeper's leftovers
     ready: bool = False  # false while logging in: a claim that blocks duplicates
     details: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
@@ -139,9 +140,11 @@ def write(record: Record) -> Path:
     folder = sessions_dir()
     path = _file(record.name)
     try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Private: no secrets in here, but user names and initiator names all the same.
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = folder / f".{record.name}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(record.to_json(), f, indent=1)  # details keep their order
             f.write("\n")
             f.flush()

@@ -67,9 +67,11 @@ def _leave_nothing(run: Path) -> None:
             subprocess.run(["umount", "-l", m.mountpoint], check=False)
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 120,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return subprocess.run([sys.executable, "-m", "iscsi_handoff", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False, cwd=cwd, env=env)
 
 
 class Keeper:
@@ -120,6 +122,15 @@ class Keeper:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
         return self.proc.wait(timeout=120)
+
+
+def wait_gone(pid: int) -> None:
+    """Until ``pid`` is no process (a detached keeper is nobody's child here: init reaps)."""
+    for _ in range(600):
+        if sysstate.process_start_time(pid) is None:
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError(f"pid {pid} is still there")
 
 
 def write_direct(path: str | Path, offset: int, data: bytes) -> None:
@@ -200,11 +211,18 @@ def test_two_targets_by_default_then_a_duplicate_then_logout_target(
         kb.stop()
 
 
-def test_kill_9_leaves_leftovers_that_logout_all_cleans(tgt: Tgt, run_dir: Path) -> None:  # noqa: F811
+def test_kill_9_leaves_leftovers_that_logout_all_cleans(tgt: Tgt, run_dir: Path,  # noqa: F811
+                                                        tmp_path: Path) -> None:
     tgt.add_target(IQN_A, luns=[LunSpec(size=8 * MiB)])
-    keeper = Keeper("--portal", tgt.portal, "--target", IQN_A).wait_ready()
-    (loop,) = keeper.loops()
-    keeper.stop(signal.SIGKILL)
+    # Detached, with paths relative to where it was started (the daemon works from /).
+    (tmp_path / "here").mkdir()
+    started = cli("login", "--portal", tgt.portal, "--target", IQN_A, "--daemon",
+                  "--pidfile", "keeper.pid", cwd=tmp_path / "here")
+    assert started.returncode == 0, started.stderr
+    (loop,) = re.findall(r"(/dev/loop\d+) ->", started.stdout)
+    pidfile = tmp_path / "here" / "keeper.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    wait_gone(int(pidfile.read_text()))
     (entry,) = listed().values()
     assert entry["state"] == "leftover" and entry["cleanup"] == "iscsi-handoff logout --all"
     assert loop in entry["why"] and "dead FUSE mount" in entry["why"]
@@ -218,6 +236,7 @@ def test_kill_9_leaves_leftovers_that_logout_all_cleans(tgt: Tgt, run_dir: Path)
     assert f"detached {loop}" in done.stdout and "unmounted" in done.stdout
     assert ours_left(run_dir) == [] and listed() == {}
     assert not Path(entry["mountpoint"]).exists()
+    assert not pidfile.exists()  # it named the dead keeper
 
 
 def test_daemon_returns_and_logout_ends_it(tgt: Tgt, run_dir: Path,  # noqa: F811
