@@ -154,6 +154,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
           --mutual-user target1 --mutual-secret-file target1.secret
     """
     validate_name(target_name)
+    if pidfile is not None:
+        pidfile = pidfile.absolute()  # a daemon works from /
     if check and (fuse is not None or force_kernel or kw["loop"] or daemon or trace):
         raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
                           "--kernel, --daemon or --trace")

@@ -33,6 +33,8 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
     fuse    /dev/fuse, pyfuse3, fusermount3 or root: the userland session carries data
     loop    losetup and /dev/loop-control: what --loop needs
     bcc     bcc, kernel headers, kprobes: the optional observer
+    Then what dead keepers left (a dead FUSE mount, loop devices, a kernel
+    session nobody answers for), with the command that cleans each.
     Exits 0 whatever it finds: it is a diagnosis.
 
     \b
@@ -40,11 +42,20 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
       iscsi-handoff doctor
       iscsi-handoff doctor --json | jq -r .chosen
     """
+    from iscsi_handoff import registry
+
     report = probe_paths(sysfs_root=sysfs_root, try_modprobe=not no_modprobe)
+    leftovers = [e for e in registry.entries(sysfs_root=sysfs_root)
+                 if e.state == registry.LEFTOVER]
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        print_report(report)
+        click.echo(json.dumps({**report.to_json(), "leftovers": [
+            {"id": e.record.session_id, "path": e.record.path, "target": e.record.target,
+             "why": e.why, "cleanup": e.cleanup} for e in leftovers]}, indent=2))
+        return
+    print_report(report)
+    for e in leftovers:
+        click.echo(f"leftover: session {e.record.session_id} ({e.record.target}): {e.why}; "
+                   f"clean it with: {e.cleanup}")
 
 
 def print_report(report: PathReport) -> None:

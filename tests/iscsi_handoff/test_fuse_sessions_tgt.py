@@ -230,6 +230,9 @@ def test_kill_9_leaves_leftovers_that_logout_all_cleans(tgt: Tgt, run_dir: Path,
     assert "leftover" in table.stdout and "clean it with: iscsi-handoff logout --all" in (
         table.stdout)
     assert ours_left(run_dir) != []  # what the issue saw: a dead mount and a loop device
+    doctor = json.loads(cli("doctor", "--json", "--no-modprobe").stdout)
+    assert [(d["id"], d["cleanup"]) for d in doctor["leftovers"]] == [
+        (entry["id"], "iscsi-handoff logout --all")]
 
     done = cli("logout", "--all")
     assert done.returncode == 0, done.stderr
