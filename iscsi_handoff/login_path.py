@@ -54,13 +54,14 @@ def _taken(path: Path) -> bool:
 
 
 def prepare_mountpoint(path: Path) -> bool:
-    """Create a session's default mount point, private to its owner; True if we made it
-    (then it is ours to remove when the session ends)."""
+    """Create a session's default mount point, private to its owner; True when it is
+    ours to remove when the session ends: made now, or an empty folder an earlier keeper
+    made there and could not remove (killed while logging in)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
-        return False
+        return not _taken(path)
     except OSError as exc:
         raise ConfigError(f"cannot make the mount point {path}: {exc.strerror}") from None
     return True

@@ -185,6 +185,13 @@ def test_two_targets_by_default_then_a_duplicate_then_logout_target(
         assert [d["dev"] for d in sa["disks"]] == ka.loops()
         assert sa["mountpoint"] == str(ka.storage().parents[2])
         assert sa["pid"] == ka.proc.pid and sa["tsih"] > 0 and sa["isid"]
+        detail = cli("session", "list", "-P", "3").stdout
+        block = detail[detail.index(f"Target: {IQN_A}"):]
+        for line in (f"Session: {sa['id']}  state live", f"Portal: named {tgt.portal}",
+                     f"Initiator: {sa['initiator_name']}", "Auth: None  user -",
+                     "Timeouts: login 15 s, replacement 120 s", "recoveries 0",
+                     "MaxRecvDataSegmentLength: ", f"LUN 2: {ka.loops()[1]} <- "):
+            assert line in block, detail
 
         again = cli("login", "--portal", tgt.portal, "--target", IQN_A)
         assert again.returncode == 15, again.stderr
