@@ -168,7 +168,12 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                     nonlocal mount_id
                     top = sysstate.top_mount(mountpoint)
                     mount_id = top.mount_id if top is not None else None
-                    await _announce(entries, opts, mounted, records, mount_id)
+                    try:
+                        await _announce(entries, opts, mounted, records, mount_id)
+                    except BaseException:  # a losetup failed: give back those attached
+                        with trio.CancelScope(shield=True):
+                            await stopping()
+                        raise
                     if keep.pidfile is not None:
                         write_pidfile(keep.pidfile)
                     if keep.detached is not None:
@@ -178,12 +183,13 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                     await _refresh_details(runners, records)
 
                 async def stopping() -> None:
-                    for device in reversed(mounted.loops):
+                    for device in reversed(list(mounted.loops)):
                         try:
                             await loopdev.detach(device)
                         except loopdev.LoopError as exc:
                             log.warning("%s", exc)
                         else:
+                            mounted.loops.remove(device)
                             click.echo(f"detached {device}")
                     for record in records:
                         registry.update(record.name, loops=tuple(
