@@ -341,20 +341,24 @@ def find_duplicates(*, target: str, portals: tuple[str, ...], initiator_name: st
     """Live sessions (ours on either path, and any kernel session from this initiator
     name) to ``target`` at one of ``portals``: one line each, for the error."""
     found: list[str] = []
-    ours: set[int] = set()
+    ours: dict[int, str] = {}  # kernel sid -> how to name it
+    counted: set[int] = set()
     wanted = set(portals)
     for entry in entries(sysfs_root=sysfs_root):
         r = entry.record
+        where = r.mountpoint if r.path == "fuse" else ", ".join(r.devices) or "no disks"
+        text = f"session {r.session_id} ({r.path}, pid {r.pid}, {where})"
         if r.sid is not None:
-            ours.add(r.sid)
+            ours[r.sid] = text
         if entry.state != LIVE or r.target != target or r.initiator_name != initiator_name:
-            continue
+            continue  # a kernel record without a name is judged by sysfs below
         if wanted & {r.portal, r.portal_connected}:
-            where = r.mountpoint if r.path == "fuse" else ", ".join(r.devices) or "no disks"
-            found.append(f"session {r.session_id} ({r.path}, pid {r.pid}, {where})")
+            found.append(text)
+            if r.sid is not None:
+                counted.add(r.sid)
     for sid, portal in sysstate.kernel_sessions_of(target, initiator_name, sysfs_root):
-        if sid not in ours and (portal is None or portal in wanted):
-            found.append(f"kernel session {sid} (not made by iscsi-handoff)")
+        if sid not in counted and (portal is None or portal in wanted):
+            found.append(ours.get(sid, f"kernel session {sid} (not made by iscsi-handoff)"))
     return found
 
 

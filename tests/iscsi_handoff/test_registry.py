@@ -174,3 +174,23 @@ def test_mountinfo_parsing(tmp_path: Path) -> None:
         (22, "8:1", "/", "ext4", "/dev/sda1"),
         (90, "0:60", "/mnt/a\\b", "fuse.iscsi", "iscsi-handoff"),
         (91, "7:3", "/mnt/a\\b", "ext4", "/dev/loop3")]
+
+
+def test_kernel_duplicates_are_judged_by_sysfs_too(tmp_path: Path) -> None:
+    """A kernel record without an initiator name (an older keeper's), and a session that
+    is not ours at all: sysfs says whose name each carries."""
+    sysfs = tmp_path / "sys"
+    for sid in (4, 5):
+        folder = sysfs / "class" / "iscsi_session" / f"session{sid}"
+        folder.mkdir(parents=True)
+        (folder / "targetname").write_text(TARGET + "\n")
+        (folder / "initiatorname").write_text(INITIATOR + "\n")
+    registry.write(registry.new_record("kernel", target=TARGET, portal="127.0.0.1:3260",
+                                       sid=4, devices=("/dev/sdb",), ready=True))
+    found = registry.find_duplicates(target=TARGET, portals=("127.0.0.1:3260",),
+                                     initiator_name=INITIATOR, sysfs_root=str(sysfs))
+    assert found == [f"session 4 (kernel, pid {os.getpid()}, /dev/sdb)",
+                     "kernel session 5 (not made by iscsi-handoff)"]
+    assert registry.find_duplicates(target=TARGET, portals=("127.0.0.1:3260",),
+                                    initiator_name=INITIATOR + "x",
+                                    sysfs_root=str(sysfs)) == []
