@@ -9,8 +9,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,12 +139,13 @@ def test_a_duplicate_claim_is_refused_unless_forced(tmp_path: Path) -> None:
     assert registry.read(first.name) is not None
 
 
-def _race(run_dir: str, isid: str, results: multiprocessing.Queue[str]) -> None:
+def _race(run_dir: str, isid: str, results: multiprocessing.Queue[str],
+          done: Any) -> None:
     os.environ["ISCSI_HANDOFF_RUN_DIR"] = run_dir
     try:
         registry.claim(_fuse(isid))
         results.put("claimed")
-        time.sleep(3)  # stay alive: the claim holds only while its owner lives
+        done.wait(60)  # the claim holds only while its owner lives: until all have tried
     except SessionExists:
         results.put("refused")
 
@@ -152,15 +153,19 @@ def _race(run_dir: str, isid: str, results: multiprocessing.Queue[str]) -> None:
 def test_racing_claims_let_one_through(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     results: multiprocessing.Queue[str] = ctx.Queue()
+    done = ctx.Event()
     procs = [ctx.Process(target=_race, args=(str(tmp_path / "run"), f"00000000000{i}",
-                                              results)) for i in range(4)]
+                                              results, done)) for i in range(4)]
     for p in procs:
         p.start()
     got: list[str] = []
-    while len(got) < 4:
-        got.append(results.get(timeout=60))
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        while len(got) < 4:
+            got.append(results.get(timeout=60))
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=60)
     assert got.count("claimed") == 1 and got.count("refused") == 3, got
 
 
