@@ -70,9 +70,19 @@ def to_registry(record: SessionRecord, **extra: Any) -> registry.Record:
                               "isid": record.isid, "sid": record.sid,
                               "host_no": record.host_no, "devices": record.devices,
                               "ready": True}
+    if "initiator_name" not in extra:  # the name the kernel holds for the session
+        fields["initiator_name"] = _sysfs_initiator_name(record.sid)
     fields.update(extra)
     base = registry.new_record("kernel", target=record.target, **fields)
     return registry.replace_owner(base, pid=record.pid, pid_start=record.pid_start)
+
+
+def _sysfs_initiator_name(sid: int, sysfs_root: str = "/sys") -> str:
+    path = Path(sysfs_root) / "class" / "iscsi_session" / f"session{sid}" / "initiatorname"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def from_registry(record: registry.Record) -> SessionRecord:
