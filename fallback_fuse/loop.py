@@ -15,13 +15,16 @@ from pathlib import Path
 
 import trio
 
+from userland.errors import PathUnavailable
+
 log = logging.getLogger("iscsi_handoff.fuse")
 
 FUSECTL = Path("/sys/fs/fuse/connections")
+DETACH_SETTLE = 2.0  # seconds for a detached device to let go of its file
 
 
-class LoopError(OSError):
-    pass
+class LoopError(PathUnavailable):
+    """losetup failed (not root, no free device, ...): the one line says why."""
 
 
 async def attach(path: str | os.PathLike[str], *, read_only: bool = False,
@@ -47,10 +50,26 @@ async def attach(path: str | os.PathLike[str], *, read_only: bool = False,
 
 
 async def detach(device: str) -> None:
+    """``losetup -d``, then check: on a busy device the kernel only sets autoclear and
+    answers success, so a device still backed by its file is reported as not detached."""
     proc = await trio.run_process(["losetup", "-d", device], capture_stderr=True,
                                   check=False)
     if proc.returncode != 0:
         raise LoopError(f"losetup -d {device} failed: {proc.stderr.decode().strip()}")
+    with trio.move_on_after(DETACH_SETTLE):  # some kernels clear it on the last close
+        while backing_file(device) is not None:
+            await trio.sleep(0.05)
+    if backing_file(device) is not None:
+        raise LoopError(f"{device} is still attached (busy: it detaches when released)")
+
+
+def backing_file(device: str) -> str | None:
+    """The file behind /dev/loopN, or None when it is detached."""
+    knob = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+    try:
+        return knob.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def uses_direct_io(device: str) -> bool:

@@ -1,11 +1,15 @@
-"""Serve the tree under trio; on SIGINT/SIGTERM finish in-flight I/O, then unmount.
+"""Serve the tree under trio; on SIGINT/SIGTERM/SIGHUP finish in-flight I/O, then unmount.
 
-The stop, in order: ``on_stop`` (the caller detaches its loop devices while the daemon
-still answers), a short wait for storage files to be closed (a detached loop device
-releases its file a moment later), ``pyfuse3.terminate()`` (no new requests are read;
-those being served finish), a SYNCHRONIZE CACHE on every LUN written to, and the
-unmount. A second signal skips the wait for open files; a third abandons requests
-that are still waiting on the target.
+The stop, in order: ``hold`` (while it names a reason, such as a filesystem mounted on
+one of the caller's loop devices, the tree keeps serving: pulling it out from under a
+mounted filesystem would corrupt it; a second signal stops anyway), ``on_stop`` (the
+caller detaches its loop devices while the daemon still answers), a short wait for
+storage files to be closed (a detached loop device releases its file a moment later),
+``pyfuse3.terminate()`` (no new requests are read; those being served finish), a
+SYNCHRONIZE CACHE on every LUN written to, and the unmount, unless ``may_unmount`` says
+the mount at the mount point is no longer ours (someone mounted over it: unmounting by
+path would take theirs). A second signal skips the wait for open files; a third
+abandons requests that are still waiting on the target.
 
 pyfuse3 keeps one session per process: one ``serve`` at a time.
 """
@@ -32,6 +36,7 @@ log = logging.getLogger("iscsi_handoff.fuse")
 
 CLOSE_GRACE = 10.0  # seconds to wait for storage files to be closed after on_stop
 MAX_TASKS = 128  # requests served at once; above any max_background we set
+HOLD_POLL = 0.5  # seconds between looks at what holds the stop back
 FINAL_SYNC_TIMEOUT = 30.0  # signals are no longer heard then: never hang on the way out
 
 
@@ -65,14 +70,16 @@ async def serve(mountpoint: str | os.PathLike[str], targets: Sequence[TargetInfo
                 on_ready: Callable[[Tree], Awaitable[None]] | None = None,
                 on_stop: Callable[[], Awaitable[None]] | None = None,
                 stop: trio.Event | None = None, direct_io: bool = True,
-                max_tasks: int = MAX_TASKS, close_grace: float = CLOSE_GRACE) -> None:
+                max_tasks: int = MAX_TASKS, close_grace: float = CLOSE_GRACE,
+                hold: Callable[[], str | None] | None = None,
+                may_unmount: Callable[[], bool] | None = None) -> None:
     """Mount ``targets`` at ``mountpoint`` and serve them until told to stop.
 
     ``on_ready(tree)`` runs once mounted (attach loop devices, print paths);
-    ``on_stop()`` runs first thing when stopping. Stop with SIGINT/SIGTERM (when run
-    in the main thread) or by setting ``stop``. ``direct_io=False`` lets the page
-    cache serve the storage files (see ``ops``). The mount point is the caller's: it
-    is neither created nor removed.
+    ``on_stop()`` runs first thing when stopping, once ``hold()`` returns None. Stop
+    with SIGINT/SIGTERM/SIGHUP (when run in the main thread) or by setting ``stop``.
+    ``direct_io=False`` lets the page cache serve the storage files (see ``ops``). The
+    mount point is the caller's: it is neither created nor removed.
     """
     if not Path(mountpoint).is_dir():
         raise ConfigError(f"mount point {os.fspath(mountpoint)} is not a directory")
@@ -88,16 +95,22 @@ async def serve(mountpoint: str | os.PathLike[str], targets: Sequence[TargetInfo
                                   "(is /dev/fuse there, and fusermount3 installed?)") from None
         try:
             await _serve_mounted(tree, ops, stops, signals, stop, on_ready, on_stop,
-                                 max_tasks, close_grace)
+                                 max_tasks, close_grace, hold)
         finally:
-            pyfuse3.close(unmount=True)
+            unmount = may_unmount is None or may_unmount()
+            if not unmount:
+                log.warning("another mount covers %s: leaving ours under it (umount %s "
+                            "twice: theirs, then ours)", os.fspath(mountpoint),
+                            os.fspath(mountpoint))
+            pyfuse3.close(unmount=unmount)
 
 
 async def _serve_mounted(tree: Tree, ops: Operations, stops: _StopRequests,
                          signals: AsyncIterator[int] | None, stop: trio.Event | None,
                          on_ready: Callable[[Tree], Awaitable[None]] | None,
                          on_stop: Callable[[], Awaitable[None]] | None,
-                         max_tasks: int, close_grace: float) -> None:
+                         max_tasks: int, close_grace: float,
+                         hold: Callable[[], str | None] | None) -> None:
     serving = trio.CancelScope()
     stopped = False
 
@@ -109,6 +122,13 @@ async def _serve_mounted(tree: Tree, ops: Operations, stops: _StopRequests,
 
     async def stopper() -> None:
         await stops.wait_beyond(0)
+        said = None
+        while hold is not None and stops.count == 1 and (reason := hold()) is not None:
+            if reason != said:
+                log.warning("not stopping yet: %s", reason)
+                said = reason
+            with trio.move_on_after(HOLD_POLL):
+                await stops.wait_beyond(1)
         await run_on_stop()
         with trio.move_on_after(close_grace):
             while ops.open_storage and stops.count == 1:
@@ -166,9 +186,10 @@ async def _signals_to(signals: AsyncIterator[int], stops: _StopRequests) -> None
 
 @contextlib.contextmanager
 def _signal_receiver() -> Iterator[AsyncIterator[int] | None]:
-    """SIGINT/SIGTERM as stop requests; only the main thread can catch them."""
+    """SIGINT/SIGTERM/SIGHUP (a closed terminal, a dropped ssh) as stop requests; only
+    the main thread can catch them."""
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as receiver:
         yield receiver

@@ -6,10 +6,12 @@ only a bug shows a traceback, and only with -v.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ import click
 
 from iscsi_handoff import __version__
 from iscsi_handoff.datapath import FuseOptions
-from iscsi_handoff.login_path import decide, prepare_mountpoint
+from iscsi_handoff.login_path import (
+    check_fuse_prerequisites,
+    check_mountpoint,
+    decide,
+    prepare_mountpoint,
+    session_mountpoint,
+)
 from iscsi_handoff.options import (
     DIGEST_CHOICES,
     Auth,
@@ -147,15 +155,18 @@ discover_cmd.name = "discover"
 @click.option("--kernel", "force_kernel", is_flag=True,
               help="Insist on the kernel path (an error where iscsi_tcp is missing).")
 @click.option("--daemon", is_flag=True,
-              help="Kernel path: return once the disks are up; a background process keeps "
-                   "the session (end it with `iscsi-handoff logout`; SIGTERM to it leaves "
-                   "the session for the next keeper).")
+              help="Return once the disks (or storage files) are up; a background process "
+                   "keeps the session (end it with `iscsi-handoff logout`; on the kernel "
+                   "path SIGTERM to it leaves the session for the next keeper). Both paths.")
 @click.option("--service", is_flag=True,
               help="Kernel path, for a service manager (the systemd unit): stay in the "
                    "foreground, send READY=1 once the disks exist, and on SIGTERM leave "
                    "the session for the next keeper instead of logging out.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Kernel path: write the keeping process's pid here.")
+              help="Write the keeping process's pid here.")
+@click.option("--force", is_flag=True,
+              help="Log in even though this initiator has a session to the target and "
+                   "portal already; FUSE: mount over a mount point or a non-empty folder.")
 @click.option("--trace", is_flag=True,
               help="Kernel path: watch the handoff with bcc and print the kernel's timeline.")
 @click.option("--header-digest", type=click.Choice(sorted(DIGEST_CHOICES)),
@@ -167,43 +178,47 @@ discover_cmd.name = "discover"
 @auth_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (--check).")
 def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, daemon: bool,
-          service: bool, pidfile: Path | None, trace: bool, header_digest: str, data_digest: str,
-          as_json: bool, fuse: Path | None, **kw: Any) -> None:
+          service: bool, pidfile: Path | None, force: bool, trace: bool, header_digest: str,
+          data_digest: str, as_json: bool, fuse: Path | None, **kw: Any) -> None:
     """Log in to a target and give its LUNs to this machine.
 
     \b
     By default the kernel path: log in here, hand the connection to the
     kernel's iscsi_tcp, print each LUN's /dev/sdX, then stay to answer
     connection errors until Ctrl-C or SIGTERM (which log out; SIGHUP leaves
-    it keeping the session in the background). A session of ours to the
-    same target whose keeper is gone is adopted, not logged in twice; one
-    whose keeper lives is reported (exit 2). Where the kernel has no iSCSI,
-    the FUSE fallback instead, with a loop device, and one line saying why
-    (`iscsi-handoff doctor` tells which path you get).
+    it keeping the session in the background). Where the kernel has no
+    iSCSI, the FUSE fallback instead, with a loop device, and one line saying
+    why (`iscsi-handoff doctor` tells which path you get), in a folder of its
+    own under /run/iscsi-handoff/fuse. A second login to the same target and
+    portal is refused (exit 15) unless --force; on the kernel path, a session
+    of ours whose keeper is gone is adopted instead of logged in again.
     With --check: log in to full feature phase, show every negotiated
     parameter and which side chose it, log out, exit 0.
     With --fuse MOUNT: the userland session carries the data and each disk
     LUN is a file, MOUNT/<host>/<target>/storage (and lunN/storage); --loop
-    also attaches it as /dev/loopN. Runs until Ctrl-C or SIGTERM, then
-    finishes I/O, logs out and unmounts.
+    also attaches every disk LUN as /dev/loopN. Runs until Ctrl-C, SIGTERM,
+    SIGHUP or `iscsi-handoff logout`, then finishes I/O, logs out and
+    unmounts (not while a filesystem on its loop device is mounted).
 
     \b
     Examples:
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --check
       iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --fuse /mnt/iscsi --loop
+      iscsi-handoff login --portal 127.0.0.1:3260 --target IQN --daemon --pidfile /run/x.pid
       iscsi-handoff login --portal 127.0.0.1 --target IQN --check \\
           --chap-user alice --chap-secret-file alice.secret \\
           --mutual-user target1 --mutual-secret-file target1.secret
     """
     validate_name(target_name)
+    if pidfile is not None:
+        pidfile = pidfile.absolute()  # a daemon works from /
     if check and (fuse is not None or force_kernel or kw["loop"] or daemon or service
                   or trace):
         raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
                           "--kernel, --daemon, --service or --trace")
-    if fuse is not None and (daemon or service or pidfile is not None or trace):
-        raise ConfigError("--daemon, --service, --pidfile and --trace belong to the kernel "
-                          "path, not --fuse")
+    if fuse is not None and (trace or service):
+        raise ConfigError("--trace and --service belong to the kernel path, not --fuse")
     if daemon and service:
         raise ConfigError("--daemon forks, --service stays in the foreground: pick one")
     # The fallback may be chosen below, so its options apply without --fuse too.
@@ -218,22 +233,28 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
                          expected_tpgt=portal.tpgt)
     data_opts.login_timeout = auth.timeout
     if not check:
-        choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop)
+        default_mount = session_mountpoint(portal.host, target_name, config.isid)
+        choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop,
+                        default_mount=default_mount)
         if choice.path == "kernel":
+            refuse_duplicate(config, portal, force=force)
             run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
-                       service=service, pidfile=pidfile, trace=trace)
+                       service=service, pidfile=pidfile, trace=trace, adopt=not force)
             return
-        if daemon or service or pidfile is not None or trace:
-            raise PathUnavailable("--daemon, --service, --pidfile and --trace need the "
-                                  "kernel path, "
-                                  f"which is unavailable here: {choice.notice}")
+        if trace or service:
+            raise PathUnavailable("--trace and --service need the kernel path, which is "
+                                  f"unavailable here: {choice.notice}")
+        check_fuse_prerequisites(loop=choice.loop)
+        if fuse is not None:
+            check_mountpoint(fuse, force=force)
+        refuse_duplicate(config, portal, force=force)
         if choice.notice is not None:
             click.echo(f"iscsi-handoff: {choice.notice}", err=True)
         assert choice.mountpoint is not None
-        data_opts.mountpoint = (choice.mountpoint if fuse is not None
-                                else prepare_mountpoint(choice.mountpoint))
+        data_opts.mountpoint = choice.mountpoint
         data_opts.loop = choice.loop
-        run_fuse([(portal, config)], data_opts)
+        run_fuse([(portal, config)], data_opts, force=force, daemon=daemon, pidfile=pidfile,
+                 make_mountpoint=fuse is None)
         return
     session = do_login(portal, config, timeout=auth.timeout)
     with session.connection:
@@ -246,17 +267,51 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         click.echo("logged out")
 
 
-def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions) -> None:
-    """The FUSE fallback: imported only when taken (trio and pyfuse3 cost start-up time)."""
+def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool) -> None:
+    """Exit 15 before anything is set up when this initiator has a live session to the
+    target and portal (the FUSE keeper's claim under the registry's lock is the race-free
+    check; the kernel path has only this one until its keeper claims too)."""
+    from iscsi_handoff import registry
+
+    assert config.target_name is not None
+    if not force:
+        registry.refuse_duplicate(target=config.target_name, portal=str(portal),
+                                  initiator_name=config.initiator_name)
+
+
+def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions, *,
+             force: bool = False, daemon: bool = False, pidfile: Path | None = None,
+             make_mountpoint: bool = False) -> None:
+    """The FUSE fallback: imported only when taken (trio and pyfuse3 cost start-up time).
+
+    ``--daemon`` forks here, before trio and before any login: the parent returns 0 once
+    the child has printed the tree and its loop devices, or the child's error status."""
+    check_fuse_prerequisites(loop=opts.loop)
     import trio
 
     from iscsi_handoff import fuse_path
+    from iscsi_handoff.daemon_log import log_detached
+    from iscsi_handoff.kernel_owners import detach
 
-    trio.run(fuse_path.run_fuse, logins, opts)
+    # --daemon's child works from / : every path it keeps must not depend on the cwd.
+    opts.mountpoint = opts.mountpoint.absolute()
+    pidfile = pidfile.absolute() if pidfile is not None else None
+    made = prepare_mountpoint(opts.mountpoint) if make_mountpoint else False
+    keep = fuse_path.Keep(force=force, pidfile=pidfile, made_mountpoint=made)
+    try:
+        if daemon:
+            keep.detached = detach()
+            log_detached()
+        trio.run(partial(fuse_path.run_fuse, logins, opts, keep=keep))
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                opts.mountpoint.rmdir()  # only while empty, and not mounted
 
 
 def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_json: bool,
-               daemon: bool, pidfile: Path | None, trace: bool, service: bool = False) -> None:
+               daemon: bool, pidfile: Path | None, trace: bool, service: bool = False,
+               adopt: bool = True) -> None:
     """The kernel path: imported only when taken (it needs netlink, not FUSE)."""
     from iscsi_handoff.kernel_path import run_kernel_login
 
@@ -264,7 +319,8 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
         run_kernel_login(portal, config, queue_depth=opts.queue_depth,
                          replacement_timeout=opts.replacement_timeout,
                          login_timeout=opts.login_timeout, as_json=as_json, daemon=daemon,
-                         service=service, pidfile=pidfile, on_ready=on_ready)
+                         service=service, pidfile=pidfile, on_ready=on_ready,
+                         adopt=adopt)
 
     if not trace:
         go()
@@ -304,15 +360,24 @@ DEFAULT_MAX_TARGETS = 256
 @click.option("--max-targets", type=click.IntRange(1, 100000), default=DEFAULT_MAX_TARGETS,
               show_default=True,
               help="Refuse to mount a portal listing more targets than this.")
+@click.option("--daemon", is_flag=True,
+              help="Return once the tree is up; a background process keeps the sessions.")
+@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the keeping process's pid here.")
+@click.option("--force", is_flag=True,
+              help="Log in even to targets this initiator has a session with; mount over "
+                   "a mount point or a non-empty folder.")
 @fuse_options
 @discovery_auth_options
 @auth_options
-def mount(portal: Portal, mountpoint: Path, max_targets: int, **kw: Any) -> None:
+def mount(portal: Portal, mountpoint: Path, max_targets: int, daemon: bool,
+          pidfile: Path | None, force: bool, **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
     MOUNTPOINT/<host>/<target>/storage is each target's first disk LUN,
-    lunN/storage every disk LUN. Runs until Ctrl-C or SIGTERM.
+    lunN/storage every disk LUN. Runs until Ctrl-C, SIGTERM, SIGHUP or
+    `iscsi-handoff logout`.
 
     \b
     Examples:
@@ -325,6 +390,8 @@ def mount(portal: Portal, mountpoint: Path, max_targets: int, **kw: Any) -> None
     """
     opts = fuse_options_from(kw, mountpoint)
     assert opts is not None
+    check_fuse_prerequisites(loop=opts.loop)
+    check_mountpoint(mountpoint, force=force)
     auth = auth_from(kw)
     opts.login_timeout = auth.timeout
     credentials, mutual = discovery_auth_from(kw, auth, fall_back=False)
@@ -332,7 +399,8 @@ def mount(portal: Portal, mountpoint: Path, max_targets: int, **kw: Any) -> None
                        credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
     logins = mount_logins(portal, targets, auth, max_targets=max_targets)
-    run_fuse(trial_login.usable(logins, timeout=auth.timeout), opts)
+    run_fuse(trial_login.usable(logins, timeout=auth.timeout), opts, force=force,
+             daemon=daemon, pidfile=pidfile)
 
 
 def mount_logins(portal: Portal, targets: list[DiscoveredTarget], auth: Auth, *,

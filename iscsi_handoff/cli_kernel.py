@@ -1,5 +1,5 @@
-"""`doctor`, `session list` and `logout`: what this machine offers, the kernel's iSCSI
-sessions, and ending the ones we made.
+"""`doctor`, `session list` and `logout`: what this machine offers, the iSCSI sessions
+(the kernel's and our FUSE ones), and ending the ones we made.
 
 Registered on the main group by `register(cli)` at the end of iscsi_handoff/cli.py.
 """
@@ -14,8 +14,8 @@ import click
 
 from iscsi_handoff.output import table
 from iscsi_handoff.pathchoice import PathReport, probe_iscsid, probe_paths
-from kernel_handoff.sysfs import SessionInfo, kernel_iscsi_loaded, list_sessions
-from userland.errors import ConfigError
+from kernel_handoff.sysfs import kernel_iscsi_loaded, list_sessions
+from userland.errors import ConfigError, IscsiError
 
 SYSFS_ROOT_HELP = "Read sysfs from here instead of /sys (for tests)."
 
@@ -33,31 +33,44 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
     fuse    /dev/fuse, pyfuse3, fusermount3 or root: the userland session carries data
     loop    losetup and /dev/loop-control: what --loop needs
     bcc     bcc, kernel headers, kprobes: the optional observer
-    Then whether open-iscsi's iscsid runs or is enabled, and each session
-    record of ours: kept (by which pid), without a keeper (the next login
-    of its target adopts it), or stale (another boot, or sysfs disagrees:
-    never used). Exits 0 whatever it finds: it is a diagnosis.
+    Then whether open-iscsi's iscsid runs or is enabled (it leaves our
+    sessions alone), stale records of ours (another boot, or sysfs names
+    another session: never used), and what dead keepers left (a dead FUSE
+    mount, loop devices, a kernel session nobody answers for), with the
+    command that cleans each; `login` of that target adopts such a kernel
+    session. Exits 0 whatever it finds: it is a diagnosis.
 
     \b
     Examples:
       iscsi-handoff doctor
       iscsi-handoff doctor --json | jq -r .chosen
     """
+    from iscsi_handoff import registry
     from iscsi_handoff.kernel_adopt import record_states
 
     report = probe_paths(sysfs_root=sysfs_root, try_modprobe=not no_modprobe)
     iscsid = probe_iscsid()
-    records = record_states(sysfs_root=sysfs_root)
+    # Before the registry's read drops the stale ones: doctor says what it drops.
+    stale = [r for r in record_states(sysfs_root=sysfs_root) if r.state == "stale"]
+    stale_ids = {str(r.sid) for r in stale}
+    leftovers = [e for e in registry.entries(sysfs_root=sysfs_root)
+                 if e.state == registry.LEFTOVER and not (
+                     e.record.path == "kernel" and e.record.session_id in stale_ids)]
     if as_json:
-        data = report.to_json()
-        data["iscsid"] = iscsid.to_json()
-        data["sessions"] = [asdict(r) for r in records]
-        click.echo(json.dumps(data, indent=2))
-    else:
-        print_report(report)
-        click.echo(iscsid.line())
-        for record in records:
-            click.echo(record.line())
+        click.echo(json.dumps({**report.to_json(), "iscsid": iscsid.to_json(),
+                               "stale": [asdict(r) for r in stale], "leftovers": [
+            {"id": e.record.session_id, "path": e.record.path, "target": e.record.target,
+             "why": e.why, "cleanup": e.cleanup} for e in leftovers]}, indent=2))
+        return
+    print_report(report)
+    click.echo(iscsid.line())
+    for r in stale:
+        click.echo(r.line())
+    for e in leftovers:
+        adopt = ("; or `iscsi-handoff login` of that target adopts it"
+                 if e.record.path == "kernel" else "")
+        click.echo(f"leftover: session {e.record.session_id} ({e.record.target}): {e.why}; "
+                   f"clean it with: {e.cleanup}{adopt}")
 
 
 def print_report(report: PathReport) -> None:
@@ -69,128 +82,135 @@ def print_report(report: PathReport) -> None:
 
 @click.group()
 def session() -> None:
-    """The kernel's iSCSI sessions (ours and open-iscsi's alike), read from sysfs.
+    """iSCSI sessions: the kernel's (ours and open-iscsi's alike) and our FUSE ones.
 
     \b
     Examples:
       iscsi-handoff session list
+      iscsi-handoff session list -P 3
       iscsi-handoff session list --json
     """
 
 
 @session.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("-P", "--print", "level", type=click.IntRange(0, 3), default=0,
+              show_default=True,
+              help="Detail, as iscsiadm's -P: 1 keeper, portals, ISID/TSIH, mount point; "
+                   "2 initiator, auth method and user, timeouts, recoveries; 3 negotiated "
+                   "parameters and LUN to device.")
 @click.option("--sysfs-root", default="/sys", hidden=True, help=SYSFS_ROOT_HELP)
-def session_list(as_json: bool, sysfs_root: str) -> None:
-    """List the kernel's iSCSI sessions and their disks.
+def session_list(as_json: bool, level: int, sysfs_root: str) -> None:
+    """List iSCSI sessions: the kernel's (from sysfs) and iscsi-handoff's FUSE ones.
 
     \b
     One row per disk: session id, SCSI host, target, portal, session state,
-    LUN, block device and size. Passwords are never read.
+    LUN, block device and size; FUSE sessions (ID F<ISID>) in a table of their
+    own, with their keeper's pid and each LUN's loop device or storage file.
+    A session whose keeper died is shown as a leftover with the command that
+    cleans it. Passwords are never read.
 
     \b
     Examples:
       iscsi-handoff session list
+      iscsi-handoff session list -P 3
       iscsi-handoff session list --json | jq -r '.sessions[].disks[].dev'
     """
+    from iscsi_handoff import session_view
+
     loaded = kernel_iscsi_loaded(sysfs_root)
     sessions = list_sessions(sysfs_root) if loaded else []
+    listing = session_view.gather(loaded, sessions, sysfs_root=sysfs_root)
     if as_json:
-        click.echo(json.dumps({"kernel_iscsi": loaded,
-                               "sessions": [session_json(s) for s in sessions]}, indent=2))
-        return
-    if not loaded:
-        click.echo("no iSCSI sessions: this kernel has no iSCSI support loaded "
-                   "(no class/iscsi_session in sysfs)")
-        return
-    if not sessions:
-        click.echo("no iSCSI sessions")
-        return
-    click.echo(table(session_rows(sessions),
-                     ("SID", "HOST", "TARGET", "PORTAL", "STATE", "LUN", "DEVICE", "SIZE")))
-
-
-def session_json(s: SessionInfo) -> dict[str, Any]:
-    data = asdict(s)
-    data["portal"] = s.portal
-    return data
-
-
-def session_rows(sessions: list[SessionInfo]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = []
-    for s in sessions:
-        head = (str(s.sid), _show(None if s.host_no is None else f"host{s.host_no}"),
-                _show(s.target_name), _show(s.portal), _show(s.state))
-        if not s.disks:
-            rows.append((*head, "-", "-", "-"))
-        for i, d in enumerate(s.disks):
-            lead = head if i == 0 else ("",) * len(head)
-            rows.append((*lead, str(d.lun), d.dev, human_size(d.size_bytes)))
-    return rows
-
-
-def _show(value: str | None) -> str:
-    return "-" if value is None else value
-
-
-def human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+        click.echo(json.dumps(session_view.listing_json(listing), indent=2))
+    elif level == 0:
+        session_view.print_table(listing, click.echo)
+    else:
+        session_view.print_detail(listing, level, click.echo)
 
 
 @click.command()
 @click.option("--target", "target_name", metavar="IQN",
               help="Log out every session to this target.")
-@click.option("--session", "sid", type=click.IntRange(0), metavar="N",
-              help="Log out session N (the SID column of `session list`).")
+@click.option("--session", "sid", metavar="ID",
+              help="Log out this session (the SID or ID column of `session list`).")
 @click.option("--all", "every", is_flag=True,
-              help="Log out every session iscsi-handoff made (never open-iscsi's).")
+              help="Log out every session iscsi-handoff made (never open-iscsi's) and clean "
+                   "what dead keepers left.")
 @click.option("--force", is_flag=True,
-              help="Tear a session down even without our record of it.")
+              help="Tear a kernel session down even without our record of it.")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
               help="Seconds to wait for each session's owner to log out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--sysfs-root", default="/sys", hidden=True, help=SYSFS_ROOT_HELP)
-def logout(target_name: str | None, sid: int | None, every: bool, force: bool,
+def logout(target_name: str | None, sid: str | None, every: bool, force: bool,
            timeout: float, as_json: bool, sysfs_root: str) -> None:
-    """Log out kernel sessions made by `iscsi-handoff login`.
+    """Log out sessions made by `iscsi-handoff login` or `mount`, on either path.
 
     \b
-    The `login` process that owns a session is sent SIGTERM and logs out
-    itself (its disks go first); if that process is gone, the session is
-    logged out over NETLINK_ISCSI from here. Sessions made by open-iscsi
-    are left alone (--force overrides, for leftovers we lost track of).
+    The process that keeps a session is sent SIGTERM and logs out itself
+    (its disks go first); we wait for it (--timeout) and check. If that
+    process is gone, a kernel session is logged out over NETLINK_ISCSI from
+    here, and a FUSE session's leftovers (its dead mount, the loop devices
+    backed by it) are removed: only ours, never anything else. A loop device
+    with a filesystem mounted on it is left alone: unmount it first (exit 2).
+    Kernel sessions made by open-iscsi are left alone (--force overrides,
+    for leftovers we lost track of).
 
     \b
     Examples:
       iscsi-handoff logout --session 3
+      iscsi-handoff logout --session F80123456789a
       iscsi-handoff logout --target iqn.2024-01.com.example:disk1
       iscsi-handoff logout --all
     """
+    from iscsi_handoff import fuse_logout, registry
     from iscsi_handoff.kernel_logout import logout as do_logout
 
     if sum((target_name is not None, sid is not None, every)) != 1:
-        raise ConfigError("give exactly one of --target IQN, --session N or --all")
-    if not kernel_iscsi_loaded(sysfs_root):
-        results = []
-        if not every:
-            raise ConfigError("no iSCSI sessions: this kernel has no iSCSI support loaded")
-    else:
-        results = do_logout(target=target_name, sid=sid, every=every, force=force,
-                            timeout=timeout, sysfs_root=sysfs_root)
+        raise ConfigError("give exactly one of --target IQN, --session ID or --all")
+    kernel_sid: int | None = None
+    if sid is not None and sid.isdigit():
+        kernel_sid = int(sid)
+    elif sid is not None and sid[:1].upper() != "F":
+        raise ConfigError(f"--session {sid}: give a kernel SID (a number) or a FUSE session "
+                          "ID (F<ISID>), as `iscsi-handoff session list` shows them")
+    loaded = kernel_iscsi_loaded(sysfs_root)
+    fuse = fuse_logout.select(registry.entries(sysfs_root=sysfs_root), target=target_name,
+                              session=sid if kernel_sid is None else None, every=every)
+    kernel_wanted = every or kernel_sid is not None or (
+        target_name is not None and loaded
+        and any(s.target_name == target_name for s in list_sessions(sysfs_root)))
+    if not fuse and not kernel_wanted and not every:
+        what = f"to {target_name}" if target_name is not None else sid
+        raise ConfigError(f"no iSCSI session {what} (see `iscsi-handoff session list`)")
+    if kernel_wanted and not loaded and not every:
+        raise ConfigError("no iSCSI sessions: this kernel has no iSCSI support loaded")
+    results: list[Any] = []
+    if kernel_wanted and loaded:
+        results += do_logout(target=target_name, sid=kernel_sid, every=every, force=force,
+                             timeout=timeout, sysfs_root=sysfs_root)
+    chosen = {e.record.session_id for e in fuse}
+    failures: list[str] = []
+    for entry in fuse:
+        try:
+            results.append(fuse_logout.logout_one(entry, timeout=timeout, chosen=chosen))
+        except IscsiError as exc:
+            if not every:
+                raise
+            failures.append(str(exc))
     if as_json:
-        click.echo(json.dumps({"sessions": [asdict(r) for r in results]}, indent=2))
-        return
-    if not results:
-        click.echo("no sessions to log out")
-    for r in results:
-        click.echo(f"session {r.sid} ({r.target or '?'}): {r.detail}")
+        click.echo(json.dumps({"sessions": [asdict(r) for r in results],
+                               "errors": failures}, indent=2))
+    else:
+        if not results and not failures:
+            click.echo("no sessions to log out")
+        for r in results:
+            name = r.session if isinstance(r, fuse_logout.FuseLogoutResult) else r.sid
+            click.echo(f"session {name} ({r.target or '?'}): {r.detail}")
+    if failures:
+        raise fuse_logout.LoopBusy("; ".join(failures)) if all(
+            "in use" in f for f in failures) else IscsiError("; ".join(failures))
 
 
 def register(group: click.Group) -> None:

@@ -88,11 +88,21 @@ def to_registry(record: SessionRecord, **extra: Any) -> registry.Record:
                               "ready": True}
     if record.initial_cmdsn is not None:
         fields["details"] = {"initial_cmdsn": record.initial_cmdsn}
+    if not record.initiator_name and "initiator_name" not in extra:
+        fields["initiator_name"] = _sysfs_initiator_name(record.sid)  # what the kernel holds
     fields.update(extra)
     base = registry.new_record("kernel", target=record.target, **fields)
     if record.boot_id:
         base = replace(base, boot_id=record.boot_id)
     return registry.replace_owner(base, pid=record.pid, pid_start=record.pid_start)
+
+
+def _sysfs_initiator_name(sid: int, sysfs_root: str = "/sys") -> str:
+    path = Path(sysfs_root) / "class" / "iscsi_session" / f"session{sid}" / "initiatorname"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def from_registry(record: registry.Record) -> SessionRecord:

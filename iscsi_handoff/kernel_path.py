@@ -66,6 +66,7 @@ class KernelOptions:
     as_json: bool = False
     daemon: bool = False
     service: bool = False  # run by a service manager: SIGTERM leaves, READY=1 via sd_notify
+    adopt: bool = True  # False (--force): a new session even beside one of ours
     pidfile: Path | None = None
     sysfs_root: str = "/sys"
     dev_root: str = "/dev"
@@ -94,11 +95,11 @@ def run_kernel_login(portal: Portal, config: LoginConfig, *, queue_depth: int = 
                      replacement_timeout: float = 120.0, login_timeout: float = 15.0,
                      as_json: bool = False, daemon: bool = False, service: bool = False,
                      pidfile: Path | None = None,
-                     on_ready: Callable[[], None] | None = None) -> None:
+                     on_ready: Callable[[], None] | None = None, adopt: bool = True) -> None:
     """`login` on the kernel path, for one target (what cli.py's login calls)."""
     opts = KernelOptions(queue_depth=queue_depth, replacement_timeout=replacement_timeout,
                          login_timeout=login_timeout, as_json=as_json, daemon=daemon,
-                         service=service, pidfile=pidfile, on_ready=on_ready)
+                         service=service, pidfile=pidfile, on_ready=on_ready, adopt=adopt)
     run_kernel_logins([(portal, config)], opts)
 
 
@@ -228,7 +229,7 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
             assert config.target_name is not None
             portal = resolve_once(given)
             orphan = kernel_adopt.find(config.target_name, (given, portal),
-                                       sysfs_root=opts.sysfs_root)
+                                       sysfs_root=opts.sysfs_root) if opts.adopt else None
             if orphan is not None:
                 keeper = _adopt(orphan, given, portal, config, timers, opts)
                 state.keepers.append(keeper)

@@ -234,7 +234,7 @@ def probe_fuse() -> tuple[bool, str]:
             problems.append(f"/dev/fuse does not open: {_errno_text(exc.errno or 0)}")
     ok, detail = _importable("pyfuse3")
     if not ok:
-        problems.append(f"pyfuse3 not importable ({detail}; pip install pyfuse3)")
+        problems.append(f"pyfuse3 not importable ({detail}; pip install 'iscsi-handoff[fuse]')")
     fusermount = shutil.which("fusermount3")
     if fusermount is None and os.geteuid() != 0:
         problems.append("fusermount3 missing and not root (Debian package fuse3)")

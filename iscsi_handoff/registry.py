@@ -78,6 +78,7 @@ class Record:
     devices: tuple[str, ...] = ()  # kernel: /dev/sdX
     by_path: tuple[str, ...] = ()  # ip-ADDR:PORT-iscsi-IQN-lun-N names
     made_mountpoint: bool = False  # fuse: we created the folder, so we remove it
+    pidfile: str | None = None  # --pidfile: removed with a dead keeper's leftovers
     ready: bool = False  # false while logging in: a claim that blocks duplicates
     details: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
@@ -139,10 +140,12 @@ def write(record: Record) -> Path:
     folder = sessions_dir()
     path = _file(record.name)
     try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Private: no secrets in here, but user names and initiator names all the same.
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = folder / f".{record.name}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record.to_json(), f, indent=1, sort_keys=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record.to_json(), f, indent=1)  # details keep their order
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -338,20 +341,24 @@ def find_duplicates(*, target: str, portals: tuple[str, ...], initiator_name: st
     """Live sessions (ours on either path, and any kernel session from this initiator
     name) to ``target`` at one of ``portals``: one line each, for the error."""
     found: list[str] = []
-    ours: set[int] = set()
+    ours: dict[int, str] = {}  # kernel sid -> how to name it
+    counted: set[int] = set()
     wanted = set(portals)
     for entry in entries(sysfs_root=sysfs_root):
         r = entry.record
+        where = r.mountpoint if r.path == "fuse" else ", ".join(r.devices) or "no disks"
+        text = f"session {r.session_id} ({r.path}, pid {r.pid}, {where})"
         if r.sid is not None:
-            ours.add(r.sid)
+            ours[r.sid] = text
         if entry.state != LIVE or r.target != target or r.initiator_name != initiator_name:
-            continue
+            continue  # a kernel record without a name is judged by sysfs below
         if wanted & {r.portal, r.portal_connected}:
-            where = r.mountpoint if r.path == "fuse" else ", ".join(r.devices) or "no disks"
-            found.append(f"session {r.session_id} ({r.path}, pid {r.pid}, {where})")
+            found.append(text)
+            if r.sid is not None:
+                counted.add(r.sid)
     for sid, portal in sysstate.kernel_sessions_of(target, initiator_name, sysfs_root):
-        if sid not in ours and (portal is None or portal in wanted):
-            found.append(f"kernel session {sid} (not made by iscsi-handoff)")
+        if sid not in counted and (portal is None or portal in wanted):
+            found.append(ours.get(sid, f"kernel session {sid} (not made by iscsi-handoff)"))
     return found
 
 
@@ -366,9 +373,24 @@ def claim(record: Record, *, force: bool = False, sysfs_root: str = "/sys") -> R
                                     initiator_name=record.initiator_name,
                                     sysfs_root=sysfs_root)
             if found:
-                raise SessionExists(
-                    f"{record.target} at {record.portal} already has a session from "
-                    f"{record.initiator_name}: {'; '.join(found)} "
-                    "(`iscsi-handoff session list` shows it; --force logs in again)")
+                raise duplicate_error(record.target, record.portal, record.initiator_name,
+                                      found)
         write(record)
     return record
+
+
+def refuse_duplicate(*, target: str, portal: str, initiator_name: str,
+                     sysfs_root: str = "/sys") -> None:
+    """The check alone, without a claim: an early answer before anything is set up (the
+    keeper's claim() is what makes it race-free)."""
+    found = find_duplicates(target=target, portals=(portal,), initiator_name=initiator_name,
+                            sysfs_root=sysfs_root)
+    if found:
+        raise duplicate_error(target, portal, initiator_name, found)
+
+
+def duplicate_error(target: str, portal: str, initiator_name: str,
+                    found: list[str]) -> SessionExists:
+    return SessionExists(f"{target} at {portal} already has a session from "
+                         f"{initiator_name}: {'; '.join(found)} (`iscsi-handoff session "
+                         "list` shows it; --force logs in again)")

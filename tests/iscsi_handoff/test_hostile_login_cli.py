@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -231,10 +232,12 @@ def test_sixteen_mib_send_targets_is_refused_with_bounded_memory() -> None:
 THOUSAND = [f"iqn.2024-01.org.example:lun-host-{i:04d}" for i in range(1000)]
 
 
-def test_mount_of_a_thousand_targets_is_capped_with_bounded_memory(tmp_path: object) -> None:
+def test_mount_of_a_thousand_targets_is_capped_with_bounded_memory(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"  # empty: a mount never goes over a non-empty folder
+    mountpoint.mkdir()
     with FakeTarget(hostile(text=lambda: text_pdus(target_list(THOUSAND)))) as fake:
         listed = discover(fake)
-        ran = cli("mount", fake.portal, str(tempfile.gettempdir()), "--initiator-name",
+        ran = cli("mount", fake.portal, str(mountpoint), "--initiator-name",
                   INITIATOR, "--timeout", "10")
     assert listed.returncode == 0, listed.stderr
     assert len([ln for ln in listed.stdout.splitlines() if "lun-host-" in ln]) == 1000

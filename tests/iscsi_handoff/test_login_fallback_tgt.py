@@ -64,7 +64,7 @@ def test_login_without_kernel_iscsi_falls_back_to_fuse_with_a_loop_device(
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    mountpoint = tmp_path / "run" / "fuse"
+    mountpoint = tmp_path / "run" / "fuse" / "127.0.0.1-fallback"  # its own folder
     try:
         assert ready.wait(60) and proc.poll() is None, "\n".join(out)
         loop = next(m.group(1) for line in out if (m := re.search(r"(/dev/loop\d+) ->", line)))
@@ -93,6 +93,7 @@ def test_login_without_kernel_iscsi_falls_back_to_fuse_with_a_loop_device(
                       f"FUSE fallback at {mountpoint} with a loop device"), err
     assert err[1:] == ["got SIGTERM: finishing I/O, then unmounting"], err
     assert not os.path.ismount(mountpoint)
+    assert not mountpoint.exists()  # the folder it made is gone with it
     listed = subprocess.run(["losetup", "-j", str(mountpoint / "127.0.0.1" / "fallback"
                                                   / "storage")],
                             capture_output=True, text=True, check=False).stdout

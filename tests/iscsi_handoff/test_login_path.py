@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_handoff.login_path import decide
+from iscsi_handoff.login_path import decide, prepare_mountpoint, session_mountpoint
 from iscsi_handoff.pathchoice import PathReport
 from userland.errors import ConfigError, PathUnavailable
 
@@ -58,3 +58,17 @@ def test_contradictions_and_nothing_available() -> None:
     with pytest.raises(PathUnavailable, match=r"KREASON.*FREASON"):
         decide(force_kernel=False, fuse_mount=None, loop=False,
                probe=lambda: report(kernel=False, fuse=False))
+
+
+def test_each_session_its_own_folder(tmp_path: Path) -> None:
+    isid = bytes.fromhex("80aabbccddee")
+    first = session_mountpoint("127.0.0.1", "iqn.2024-01.org.example:disk1", isid,
+                               parent=tmp_path)
+    assert first == tmp_path / "127.0.0.1-disk1"
+    assert prepare_mountpoint(first) and first.is_dir()
+    assert prepare_mountpoint(first)  # still empty: a killed keeper's, ours to reuse
+    (first / "in use").mkdir()  # as a mounted tree looks: taken
+    assert session_mountpoint("127.0.0.1", "iqn.2024-01.org.example:disk1", isid,
+                              parent=tmp_path) == tmp_path / "127.0.0.1-disk1-80aabbccddee"
+    assert not prepare_mountpoint(first)  # not ours to remove
+    assert session_mountpoint("h", "iqn.x:../..", isid, parent=tmp_path).parent == tmp_path

@@ -9,8 +9,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,12 +139,13 @@ def test_a_duplicate_claim_is_refused_unless_forced(tmp_path: Path) -> None:
     assert registry.read(first.name) is not None
 
 
-def _race(run_dir: str, isid: str, results: multiprocessing.Queue[str]) -> None:
+def _race(run_dir: str, isid: str, results: multiprocessing.Queue[str],
+          done: Any) -> None:
     os.environ["ISCSI_HANDOFF_RUN_DIR"] = run_dir
     try:
         registry.claim(_fuse(isid))
         results.put("claimed")
-        time.sleep(3)  # stay alive: the claim holds only while its owner lives
+        done.wait(60)  # the claim holds only while its owner lives: until all have tried
     except SessionExists:
         results.put("refused")
 
@@ -152,15 +153,19 @@ def _race(run_dir: str, isid: str, results: multiprocessing.Queue[str]) -> None:
 def test_racing_claims_let_one_through(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     results: multiprocessing.Queue[str] = ctx.Queue()
+    done = ctx.Event()
     procs = [ctx.Process(target=_race, args=(str(tmp_path / "run"), f"00000000000{i}",
-                                              results)) for i in range(4)]
+                                              results, done)) for i in range(4)]
     for p in procs:
         p.start()
     got: list[str] = []
-    while len(got) < 4:
-        got.append(results.get(timeout=60))
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        while len(got) < 4:
+            got.append(results.get(timeout=60))
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=60)
     assert got.count("claimed") == 1 and got.count("refused") == 3, got
 
 
@@ -174,3 +179,23 @@ def test_mountinfo_parsing(tmp_path: Path) -> None:
         (22, "8:1", "/", "ext4", "/dev/sda1"),
         (90, "0:60", "/mnt/a\\b", "fuse.iscsi", "iscsi-handoff"),
         (91, "7:3", "/mnt/a\\b", "ext4", "/dev/loop3")]
+
+
+def test_kernel_duplicates_are_judged_by_sysfs_too(tmp_path: Path) -> None:
+    """A kernel record without an initiator name (an older keeper's), and a session that
+    is not ours at all: sysfs says whose name each carries."""
+    sysfs = tmp_path / "sys"
+    for sid in (4, 5):
+        folder = sysfs / "class" / "iscsi_session" / f"session{sid}"
+        folder.mkdir(parents=True)
+        (folder / "targetname").write_text(TARGET + "\n")
+        (folder / "initiatorname").write_text(INITIATOR + "\n")
+    registry.write(registry.new_record("kernel", target=TARGET, portal="127.0.0.1:3260",
+                                       sid=4, devices=("/dev/sdb",), ready=True))
+    found = registry.find_duplicates(target=TARGET, portals=("127.0.0.1:3260",),
+                                     initiator_name=INITIATOR, sysfs_root=str(sysfs))
+    assert found == [f"session 4 (kernel, pid {os.getpid()}, /dev/sdb)",
+                     "kernel session 5 (not made by iscsi-handoff)"]
+    assert registry.find_duplicates(target=TARGET, portals=("127.0.0.1:3260",),
+                                    initiator_name=INITIATOR + "x",
+                                    sysfs_root=str(sysfs)) == []

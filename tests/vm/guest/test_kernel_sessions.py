@@ -14,10 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
 from iscsi_handoff.cli import cli as main_cli
 from iscsi_handoff.tgtlab import LunSpec, Tgt
+from userland.errors import SessionExists
 
 from .kernel_login import Disk, KernelLogin, sessions_in_sysfs
 from .openiscsi import disk_bytes, read_direct, wait_for, write_direct
@@ -50,6 +52,21 @@ def test_two_targets_at_once_and_session_list(tgt: Tgt) -> None:
             assert row["portal"] == tgt.portal
         table = cli("session", "list").output
         assert one.iqn in table and two.iqn in table and da.dev in table
+        assert all(rows[d.sid]["ours"] for d in (da, db))
+        assert "not made by iscsi-handoff" not in table
+        detail = cli("session", "list", "-P", "3").output
+        assert f"Session: {da.sid}" in detail and f"Keeper: pid {a.proc.pid}" in detail
+        assert f"LUN 1: {da.dev}" in detail
+        # This initiator has a session to `one` there already: a second login is refused
+        # before anything starts (were it let through, it would serve in this process
+        # until killed: fail instead).
+        def let_through(*args: object, **kw: object) -> None:
+            raise AssertionError("a duplicate login got through to the kernel path")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("iscsi_handoff.cli.run_kernel", let_through)
+            with pytest.raises(SessionExists, match=rf"session {da.sid} \(kernel, pid"):
+                cli("login", "--kernel", "--portal", tgt.portal, "--target", one.iqn)
         assert a.stop() == 0 and b.stop() == 0
     assert {da.sid, db.sid}.isdisjoint(sessions_in_sysfs())
 
