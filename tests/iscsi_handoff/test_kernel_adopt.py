@@ -14,6 +14,7 @@ import pytest
 
 from iscsi_handoff import kernel_adopt, sdnotify
 from iscsi_handoff import kernel_owners as owners
+from iscsi_handoff.pathchoice import probe_iscsid
 from kernel_handoff.sysfs import get_session
 from userland.errors import ConfigError, SessionExists
 from userland.portal import Portal
@@ -159,3 +160,18 @@ def test_the_unit_never_logs_out_on_restart() -> None:
     (stop,) = settings["ExecStop"]
     assert "is-system-running" in stop and "stopping" in stop and " logout " in stop
     assert settings["KillSignal"] == ["SIGTERM"]
+
+
+def test_doctor_sees_iscsid_running_and_enabled(tmp_path: Path) -> None:
+    proc, units = tmp_path / "proc", tmp_path / "systemd"
+    for pid, comm in ((812, "iscsid"), (900, "bash"), (901, "iscsid-helper")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "comm").write_text(comm + "\n")
+    (proc / "self").mkdir()
+    (units / "sockets.target.wants").mkdir(parents=True)
+    (units / "sockets.target.wants" / "iscsid.socket").symlink_to("/lib/iscsid.socket")
+    found = probe_iscsid(proc=str(proc), systemd_dir=str(units))
+    assert found.running == (812,) and found.enabled == ("iscsid.socket",)
+    assert found.line().startswith("iscsid: running (pid 812) and enabled (iscsid.socket)")
+    nothing = probe_iscsid(proc=str(tmp_path / "none"), systemd_dir=str(tmp_path / "none"))
+    assert nothing.line() == "iscsid: not running, not enabled"
