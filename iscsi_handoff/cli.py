@@ -237,7 +237,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop,
                         default_mount=default_mount)
         if choice.path == "kernel":
-            refuse_duplicate(config, portal, force=force)
+            if force or not adoptable(config, portal):
+                refuse_duplicate(config, portal, force=force)
             run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
                        service=service, pidfile=pidfile, trace=trace, adopt=not force)
             return
@@ -265,6 +266,16 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
     else:
         print_login(session.result, target=target_name, portal=session.portal)
         click.echo("logged out")
+
+
+def adoptable(config: LoginConfig, portal: Portal) -> bool:
+    """A kernel session of ours to this target and portal that nobody keeps: the kernel
+    path adopts it rather than refusing it as a duplicate (SessionExists, exit 15, when
+    its keeper is alive)."""
+    from iscsi_handoff.kernel_adopt import find
+
+    assert config.target_name is not None
+    return find(config.target_name, (portal,)) is not None
 
 
 def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool) -> None:

@@ -114,6 +114,8 @@ def test_kill9_then_login_adopts_and_recovers(tgt_session: Tgt,
             assert second.stop() == 0, second.output()
         assert _sessions_to(iqn) == []
     finally:
+        for sid in _sessions_to(iqn):  # a failure above must not leave a session behind
+            _cli("logout", "--session", str(sid))
         tgt.delete_target(target.tid)
 
 
