@@ -52,7 +52,13 @@ from iscsi_handoff.output import (
 )
 from userland.discovery.run import discover
 from userland.discovery.sendtargets import DiscoveredTarget
-from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
+from userland.errors import (
+    EXIT_INTERNAL,
+    ConfigError,
+    IscsiError,
+    PathUnavailable,
+    SessionExists,
+)
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
@@ -275,7 +281,10 @@ def adoptable(config: LoginConfig, portal: Portal) -> bool:
     from iscsi_handoff.kernel_adopt import find
 
     assert config.target_name is not None
-    return find(config.target_name, (portal,)) is not None
+    try:
+        return find(config.target_name, (portal,)) is not None
+    except SessionExists:
+        return False  # kept: refuse_duplicate says so, in the registry's words
 
 
 def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool) -> None:

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from iscsi_handoff.cli import cli as main_cli
+from iscsi_handoff.sysstate import process_start_time
 from iscsi_handoff.tgtlab import LunSpec, Tgt
 from userland.errors import SessionExists
 
@@ -121,9 +122,9 @@ def test_daemon_and_pidfile(tgt: Tgt, tmp_path: Path, figure: Callable[[str], No
     figure(f"--daemon returned after {time.monotonic() - began:.2f} s, daemon pid {pid}")
     sid = int(re.search(r"session (\d+) on host", done.stdout).group(1))  # type: ignore[union-attr]
     os.kill(pid, 15)  # a service keeper leaves its session for the next one (issue 11)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or
-             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z",
-             timeout=60, what="the daemon to exit on SIGTERM")
+    # gone or a zombie (start time None), without racing its exit
+    wait_for(lambda: process_start_time(pid) is None, timeout=60,
+             what="the daemon to exit on SIGTERM")
     assert sid in sessions_in_sysfs()
     assert not pidfile.exists()
     done_out = cli("logout", "--session", str(sid))  # its keeper is gone: logged out here
