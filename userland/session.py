@@ -434,6 +434,9 @@ class Session:
     def _response(self, pdu: ScsiResponse) -> list[Event]:
         task = self._task(pdu.itt, "SCSI Response")
         task.response = pdu.response
+        if pdu.response != 0:
+            # 11.4.3: not completed at the target; its status and residual mean nothing.
+            return self._complete(task)
         task.status = pdu.status
         try:
             task.sense = pdu.sense() if pdu.status else b""
@@ -450,7 +453,7 @@ class Session:
         status reports (11.4.5.2, 11.7.5); with an overflow, all it asked. Otherwise the
         caller would be handed zeros the target never sent. Not GOOD: the data is not
         the caller's to use, and the residual is optional (11.4.5)."""
-        if not task.read_length or task.status != ScsiStatus.GOOD or task.response != 0:
+        if not task.read_length or task.status != ScsiStatus.GOOD:
             return
         expected = task.read_length - max(task.residual, 0)
         if task.received != expected:

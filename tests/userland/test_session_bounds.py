@@ -226,6 +226,11 @@ def test_a_read_whose_data_and_residual_add_up_ends_good() -> None:
     check = ScsiResponse(itt=task.itt, status=2, data=(18).to_bytes(2, "big") + bytes(18),
                          stat_sn=103)
     assert s.receive(check, 0) == [TaskDone(task)] and task.error is None
+    task = Task(lun=0, cdb=b"\x28", read_length=512)
+    sent(s, task)
+    failure = ScsiResponse(itt=task.itt, response=0x01, status=0, stat_sn=104)
+    assert s.receive(failure, 0) == [TaskDone(task)]
+    assert (task.response, task.status) == (1, None)  # 11.4.3: no status to take as GOOD
     assert not s.take_outgoing() and not s.tasks
 
 
