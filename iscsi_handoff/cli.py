@@ -156,7 +156,12 @@ discover_cmd.name = "discover"
               help="Insist on the kernel path (an error where iscsi_tcp is missing).")
 @click.option("--daemon", is_flag=True,
               help="Return once the disks (or storage files) are up; a background process "
-                   "keeps the session (end it with `iscsi-handoff logout`). Both paths.")
+                   "keeps the session (end it with `iscsi-handoff logout`). Both paths; on "
+                   "the kernel path SIGTERM to it leaves the session for the next keeper.")
+@click.option("--service", is_flag=True,
+              help="Kernel path, for a service manager (the systemd unit): stay in the "
+                   "foreground, send READY=1 once the disks exist, and on SIGTERM leave "
+                   "the session for the next keeper instead of logging out.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the keeping process's pid here.")
 @click.option("--force", is_flag=True,
@@ -173,18 +178,21 @@ discover_cmd.name = "discover"
 @auth_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (--check).")
 def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, daemon: bool,
-          pidfile: Path | None, force: bool, trace: bool, header_digest: str,
+          service: bool, pidfile: Path | None, force: bool, trace: bool, header_digest: str,
           data_digest: str, as_json: bool, fuse: Path | None, **kw: Any) -> None:
     """Log in to a target and give its LUNs to this machine.
 
     \b
     By default the kernel path: log in here, hand the connection to the
     kernel's iscsi_tcp, print each LUN's /dev/sdX, then stay to answer
-    connection errors until Ctrl-C or SIGTERM (which log out). Where the
-    kernel has no iSCSI, the FUSE fallback instead, with a loop device, and
-    one line saying why (`iscsi-handoff doctor` tells which path you get), in
-    a folder of its own under /run/iscsi-handoff/fuse. A second login to the
-    same target and portal is refused (exit 15) unless --force.
+    connection errors until Ctrl-C or SIGTERM (which log out; SIGHUP leaves
+    it keeping the session in the background). A session of ours to the
+    same target whose keeper is gone is adopted, not logged in twice; one
+    whose keeper lives is refused (exit 15). Where the kernel has no iSCSI,
+    the FUSE fallback instead, with a loop device, and one line saying why
+    (`iscsi-handoff doctor` tells which path you get), in a folder of its own
+    under /run/iscsi-handoff/fuse. A second login to the same target and
+    portal is refused (exit 15) unless --force.
     With --check: log in to full feature phase, show every negotiated
     parameter and which side chose it, log out, exit 0.
     With --fuse MOUNT: the userland session carries the data and each disk
@@ -206,11 +214,14 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
     validate_name(target_name)
     if pidfile is not None:
         pidfile = pidfile.absolute()  # a daemon works from /
-    if check and (fuse is not None or force_kernel or kw["loop"] or daemon or trace):
+    if check and (fuse is not None or force_kernel or kw["loop"] or daemon or service
+                  or trace):
         raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
-                          "--kernel, --daemon or --trace")
-    if fuse is not None and trace:
-        raise ConfigError("--trace watches the kernel path, not --fuse")
+                          "--kernel, --daemon, --service or --trace")
+    if fuse is not None and (service or trace):
+        raise ConfigError("--service and --trace belong to the kernel path, not --fuse")
+    if daemon and service:
+        raise ConfigError("--daemon forks, --service stays in the foreground: pick one")
     # The fallback may be chosen below, so its options apply without --fuse too.
     data_opts = fuse_options_from(kw, fuse if fuse is not None else Path("."))
     assert data_opts is not None
@@ -227,13 +238,13 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop,
                         default_mount=default_mount)
         if choice.path == "kernel":
-            refuse_duplicate(config, portal, force=force)
+            refuse_duplicate(config, portal, force=force, adoptable=True)
             run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
-                       pidfile=pidfile, trace=trace)
+                       service=service, pidfile=pidfile, trace=trace)
             return
-        if trace:
-            raise PathUnavailable("--trace needs the kernel path, which is unavailable "
-                                  f"here: {choice.notice}")
+        if trace or service:
+            raise PathUnavailable("--service and --trace need the kernel path, which is "
+                                  f"unavailable here: {choice.notice}")
         check_fuse_prerequisites(loop=choice.loop)
         if fuse is not None:
             check_mountpoint(fuse, force=force)
@@ -257,16 +268,18 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         click.echo("logged out")
 
 
-def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool) -> None:
+def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool,
+                     adoptable: bool = False) -> None:
     """Exit 15 before anything is set up when this initiator has a live session to the
     target and portal (the FUSE keeper's claim under the registry's lock is the race-free
-    check; the kernel path has only this one until its keeper claims too)."""
+    check; the kernel path has only this one until its keeper claims too). ``adoptable``:
+    the kernel path adopts a session of ours whose keeper is gone instead."""
     from iscsi_handoff import registry
 
     assert config.target_name is not None
     if not force:
         registry.refuse_duplicate(target=config.target_name, portal=str(portal),
-                                  initiator_name=config.initiator_name)
+                                  initiator_name=config.initiator_name, adoptable=adoptable)
 
 
 def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions, *,
@@ -300,7 +313,7 @@ def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions, *,
 
 
 def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_json: bool,
-               daemon: bool, pidfile: Path | None, trace: bool) -> None:
+               daemon: bool, pidfile: Path | None, trace: bool, service: bool = False) -> None:
     """The kernel path: imported only when taken (it needs netlink, not FUSE)."""
     from iscsi_handoff.kernel_path import run_kernel_login
 
@@ -308,7 +321,7 @@ def run_kernel(portal: Portal, config: LoginConfig, opts: FuseOptions, *, as_jso
         run_kernel_login(portal, config, queue_depth=opts.queue_depth,
                          replacement_timeout=opts.replacement_timeout,
                          login_timeout=opts.login_timeout, as_json=as_json, daemon=daemon,
-                         pidfile=pidfile, on_ready=on_ready)
+                         service=service, pidfile=pidfile, on_ready=on_ready)
 
     if not trace:
         go()

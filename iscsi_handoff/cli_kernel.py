@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from iscsi_handoff.output import table
-from iscsi_handoff.pathchoice import PathReport, probe_paths
+from iscsi_handoff.pathchoice import PathReport, probe_iscsid, probe_paths
 from kernel_handoff.sysfs import kernel_iscsi_loaded, list_sessions
 from userland.errors import ConfigError, IscsiError
 
@@ -33,8 +33,11 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
     fuse    /dev/fuse, pyfuse3, fusermount3 or root: the userland session carries data
     loop    losetup and /dev/loop-control: what --loop needs
     bcc     bcc, kernel headers, kprobes: the optional observer
-    Then what dead keepers left (a dead FUSE mount, loop devices, a kernel
-    session nobody answers for), with the command that cleans each.
+    Then whether open-iscsi's iscsid runs or is enabled, and each kernel
+    session record of ours: kept (by which pid), without a keeper (the next
+    login of its target adopts it), or stale (another boot, or sysfs
+    disagrees: never used). Then what dead FUSE keepers left (a dead mount,
+    loop devices), with the command that cleans each.
     Exits 0 whatever it finds: it is a diagnosis.
 
     \b
@@ -43,16 +46,27 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
       iscsi-handoff doctor --json | jq -r .chosen
     """
     from iscsi_handoff import registry
+    from iscsi_handoff.kernel_adopt import record_states
 
     report = probe_paths(sysfs_root=sysfs_root, try_modprobe=not no_modprobe)
+    iscsid = probe_iscsid()
+    records = record_states(sysfs_root=sysfs_root)
+    # Kernel records are shown by record_states (adoptable); FUSE leftovers need cleaning.
     leftovers = [e for e in registry.entries(sysfs_root=sysfs_root)
-                 if e.state == registry.LEFTOVER]
+                 if e.state == registry.LEFTOVER and e.record.path == "fuse"]
     if as_json:
-        click.echo(json.dumps({**report.to_json(), "leftovers": [
+        data = report.to_json()
+        data["iscsid"] = iscsid.to_json()
+        data["sessions"] = [asdict(r) for r in records]
+        data["leftovers"] = [
             {"id": e.record.session_id, "path": e.record.path, "target": e.record.target,
-             "why": e.why, "cleanup": e.cleanup} for e in leftovers]}, indent=2))
+             "why": e.why, "cleanup": e.cleanup} for e in leftovers]
+        click.echo(json.dumps(data, indent=2))
         return
     print_report(report)
+    click.echo(iscsid.line())
+    for record in records:
+        click.echo(record.line())
     for e in leftovers:
         click.echo(f"leftover: session {e.record.session_id} ({e.record.target}): {e.why}; "
                    f"clean it with: {e.cleanup}")

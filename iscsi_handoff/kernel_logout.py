@@ -1,9 +1,10 @@
 """`logout`: end kernel sessions that a `login` of ours made, from any process.
 
 A session's owner (the `login` process still answering its connection errors) is told
-with SIGTERM and logs out itself; we wait until the session leaves sysfs. When the
-owner is gone, we tear the session down over NETLINK_ISCSI ourselves. Sessions without
-a record are not ours (open-iscsi's, say): left alone unless --force.
+with SIGUSR1 and logs out itself (SIGTERM would only make a service keeper leave); we
+wait until the session leaves sysfs. When the owner is gone, we tear the session down
+over NETLINK_ISCSI ourselves. Sessions without a record are not ours (open-iscsi's,
+say): left alone unless --force.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from iscsi_handoff import kernel_owners as owners
 from iscsi_handoff import registry
+from iscsi_handoff.kernel_adopt import distrust
 from kernel_handoff.sysfs import SessionInfo, get_session, list_sessions
 from kernel_handoff.teardown import teardown_sid
 from userland.errors import ConfigError, IscsiError
@@ -52,6 +54,8 @@ def logout_one(info: SessionInfo, *, timeout: float, force: bool, explicit: bool
                sysfs_root: str = "/sys",
                teardown: Callable[..., object] = teardown_sid) -> LogoutResult:
     record = owners.read_record(info.sid)
+    if record is not None and distrust(record, info, owners.boot_id()) is not None:
+        record = None  # another boot's, or another session's now: never ours to end
     if record is None:
         if not force:
             if explicit:
@@ -65,7 +69,7 @@ def logout_one(info: SessionInfo, *, timeout: float, force: bool, explicit: bool
         return LogoutResult(info.sid, info.target_name, "netlink", "torn down (--force)")
     if record.owner_alive():
         try:
-            os.kill(record.pid, signal.SIGTERM)
+            os.kill(record.pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
         else:

@@ -8,7 +8,10 @@ say) and is left alone. Records carry the owner's pid and its start time from
 /proc/<pid>/stat, so a recycled pid is not mistaken for the owner.
 
 The records themselves are the registry's (iscsi_handoff/registry.py, `kernel-<sid>`):
-``SessionRecord`` is the kernel path's view of one, kept for its callers.
+``SessionRecord`` is the kernel path's view of one, kept for its callers. It holds what
+a keeper needs to adopt a session nobody keeps (kernel_adopt.py): the ISID and TSIH, the
+CmdSN the kernel started from (in the registry's details), the initiator name, the
+portal as named and as connected, and the boot id (session ids restart at each boot).
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iscsi_handoff import registry
+from iscsi_handoff import registry, sysstate
 from iscsi_handoff.sysstate import process_start_time
 from userland.errors import ConfigError, IscsiError
 
 __all__ = [
     "Detached",
     "SessionRecord",
+    "all_records",
+    "boot_id",
     "detach",
     "own_record",
     "process_start_time",
@@ -43,6 +48,10 @@ def sessions_dir() -> Path:
     return registry.sessions_dir()
 
 
+def boot_id() -> str:
+    return sysstate.boot_id() or ""
+
+
 @dataclass(frozen=True)
 class SessionRecord:
     sid: int
@@ -53,6 +62,11 @@ class SessionRecord:
     pid: int
     pid_start: int | None
     devices: tuple[str, ...] = ()
+    boot_id: str = ""
+    login_portal: str = ""  # the portal as the user named it (host:port)
+    tsih: int = 0
+    initial_cmdsn: int | None = None  # the kernel's CmdSN is this + its scsicmd_pdus
+    initiator_name: str = ""
 
     def owner_alive(self) -> bool:
         start = process_start_time(self.pid)
@@ -66,14 +80,20 @@ def _name(sid: int) -> str:
 def to_registry(record: SessionRecord, **extra: Any) -> registry.Record:
     """The registry's record for ``record``; ``extra`` fills the fields this view lacks
     (portal as named, initiator_name, tsih, by_path, details)."""
-    fields: dict[str, Any] = {"portal": record.portal, "portal_connected": record.portal,
+    fields: dict[str, Any] = {"portal": record.login_portal or record.portal,
+                              "portal_connected": record.portal,
                               "isid": record.isid, "sid": record.sid,
                               "host_no": record.host_no, "devices": record.devices,
+                              "tsih": record.tsih, "initiator_name": record.initiator_name,
                               "ready": True}
-    if "initiator_name" not in extra:  # the name the kernel holds for the session
-        fields["initiator_name"] = _sysfs_initiator_name(record.sid)
+    if not fields["initiator_name"] and "initiator_name" not in extra:
+        fields["initiator_name"] = _sysfs_initiator_name(record.sid)  # the kernel's copy
+    if record.initial_cmdsn is not None:
+        fields["details"] = {"initial_cmdsn": record.initial_cmdsn}
     fields.update(extra)
     base = registry.new_record("kernel", target=record.target, **fields)
+    if record.boot_id:
+        base = replace(base, boot_id=record.boot_id)
     return registry.replace_owner(base, pid=record.pid, pid_start=record.pid_start)
 
 
@@ -87,9 +107,14 @@ def _sysfs_initiator_name(sid: int, sysfs_root: str = "/sys") -> str:
 
 def from_registry(record: registry.Record) -> SessionRecord:
     assert record.sid is not None
+    cmdsn = record.details.get("initial_cmdsn")
     return SessionRecord(sid=record.sid, host_no=record.host_no or 0, target=record.target,
                          portal=record.portal_connected or record.portal, isid=record.isid,
-                         pid=record.pid, pid_start=record.pid_start, devices=record.devices)
+                         pid=record.pid, pid_start=record.pid_start, devices=record.devices,
+                         boot_id=record.boot_id or "", login_portal=record.portal,
+                         tsih=record.tsih,
+                         initial_cmdsn=cmdsn if isinstance(cmdsn, int) else None,
+                         initiator_name=record.initiator_name)
 
 
 def write_record(record: SessionRecord, **extra: Any) -> Path:
@@ -108,12 +133,21 @@ def remove_record(sid: int, *, pid: int | None = None) -> None:
     registry.remove(_name(sid), pid=pid)
 
 
+def all_records() -> list[SessionRecord]:
+    """Every kernel session record, unchecked (kernel_adopt decides whom to trust)."""
+    return [from_registry(r) for _, r in registry.all_records()
+            if r is not None and r.path == "kernel" and r.sid is not None]
+
+
 def own_record(sid: int, host_no: int, target: str, portal: str, isid: bytes,
-               devices: list[str]) -> SessionRecord:
+               devices: list[str], *, login_portal: str = "", tsih: int = 0,
+               initial_cmdsn: int | None = None, initiator_name: str = "") -> SessionRecord:
     pid = os.getpid()
     return SessionRecord(sid=sid, host_no=host_no, target=target, portal=portal,
                          isid=isid.hex(), pid=pid, pid_start=process_start_time(pid),
-                         devices=tuple(devices))
+                         devices=tuple(devices), boot_id=boot_id(),
+                         login_portal=login_portal or portal, tsih=tsih,
+                         initial_cmdsn=initial_cmdsn, initiator_name=initiator_name)
 
 
 # --- pidfile --------------------------------------------------------------------------

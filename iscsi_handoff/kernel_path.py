@@ -1,11 +1,23 @@
 """The kernel path of `login`: log in here, hand the connection to iscsi_tcp, print the
-disks, then stay in the foreground answering connection errors until SIGTERM/SIGINT,
-which log out.
+disks, then stay as the session's keeper, answering connection errors.
 
     session 3 on host 4: /dev/sdb (LUN 1, 1.0 GiB)  /dev/disk/by-path/ip-...-lun-1
 
-With --daemon the same happens in a detached child: the command returns once the disks
-are printed, and `iscsi-handoff logout` (or SIGTERM to the pidfile's pid) ends it.
+A kernel session outlives its keeper. A keeper that starts for a target that already
+has a session of ours nobody keeps (its keeper killed, or stopped as a service) adopts
+it instead of logging in again (kernel_adopt.py); one whose keeper is alive is
+reported, not duplicated. What each signal means to a keeper:
+
+- SIGINT (Ctrl-C) and SIGUSR1 (what `iscsi-handoff logout` sends): log out, exit.
+- SIGTERM: a foreground `login` logs out (as Ctrl-C); a service keeper (--daemon,
+  --service, or a foreground one whose terminal hung up) exits leaving its sessions
+  to the kernel and their records for the next keeper: a restart never logs out.
+- SIGHUP (terminal closed, ssh dropped): the keeper lets go of the terminal (output to
+  syslog) and goes on keeping, as a service keeper: never a session nobody keeps.
+
+Before it may be needed the keeper locks its memory and sets PR_SET_IO_FLUSHER
+(kernel_handoff/pinning.py), and the portal is resolved once: a relogin must not wait
+on a page-in or DNS while the disk it lives on is frozen.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,20 +37,25 @@ from typing import Any
 
 import click
 
+from iscsi_handoff import kernel_adopt, registry, sdnotify
 from iscsi_handoff import kernel_owners as owners
+from iscsi_handoff.output import emit_ready
 from kernel_handoff.errors import KernelUnavailable
 from kernel_handoff.handoff import HandoffOptions, KernelSession, handoff
 from kernel_handoff.netlink import IscsiNetlink
 from kernel_handoff.params import SessionTimers
-from kernel_handoff.recovery import Keeper, SessionGuard
+from kernel_handoff.pinning import lock_memory, set_io_flusher
+from kernel_handoff.recovery import Keeper, SessionGuard, Stopped
 from kernel_handoff.sysfs import transport_handle
 from kernel_handoff.teardown import logout_session
-from userland.errors import IscsiError
+from userland.errors import IscsiError, NetworkError
 from userland.login.machine import LoginConfig
 from userland.login.run import login
 from userland.portal import Portal
 
 log = logging.getLogger("iscsi_handoff.kernel")
+
+LOGOUT_SIGNALS = (signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -47,14 +65,25 @@ class KernelOptions:
     login_timeout: float = 15.0
     as_json: bool = False
     daemon: bool = False
+    service: bool = False  # run by a service manager: SIGTERM leaves, READY=1 via sd_notify
     pidfile: Path | None = None
     sysfs_root: str = "/sys"
     dev_root: str = "/dev"
     on_ready: Callable[[], None] | None = None  # once the disks are printed (login --trace)
 
 
+@dataclass
+class KeeperState:
+    """What this process keeps, and how it should end."""
+
+    keepers: list[Keeper]
+    adopted: set[int]  # sids taken over from a keeper that was gone
+    leave_on_term: bool  # SIGTERM leaves the sessions to the next keeper
+    hung_up: bool = False
+
+
 class Terminated(BaseException):
-    """SIGTERM before the recovery loop watches for it: unwind and undo, like Ctrl-C."""
+    """A stop signal before the recovery loop watches for it: unwind and undo."""
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
@@ -63,52 +92,100 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 
 def run_kernel_login(portal: Portal, config: LoginConfig, *, queue_depth: int = 32,
                      replacement_timeout: float = 120.0, login_timeout: float = 15.0,
-                     as_json: bool = False, daemon: bool = False,
+                     as_json: bool = False, daemon: bool = False, service: bool = False,
                      pidfile: Path | None = None,
                      on_ready: Callable[[], None] | None = None) -> None:
     """`login` on the kernel path, for one target (what cli.py's login calls)."""
     opts = KernelOptions(queue_depth=queue_depth, replacement_timeout=replacement_timeout,
                          login_timeout=login_timeout, as_json=as_json, daemon=daemon,
-                         pidfile=pidfile, on_ready=on_ready)
+                         service=service, pidfile=pidfile, on_ready=on_ready)
     run_kernel_logins([(portal, config)], opts)
 
 
 def run_kernel_logins(logins: Sequence[tuple[Portal, LoginConfig]],
                       opts: KernelOptions) -> None:
-    """Every target in ``logins`` on the kernel path, kept by one foreground process."""
+    """Every target in ``logins`` on the kernel path, kept by one process."""
     detached = owners.detach() if opts.daemon else None
     if detached is not None:
         _log_to_syslog()
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    state = KeeperState([], set(), leave_on_term=opts.daemon or opts.service)
+    handlers = {signum: signal.signal(signum, _terminated)
+                for signum in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        state.hung_up = True  # acted on once the sessions are up (_let_go_of_terminal)
+
+    handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
-        _run(logins, opts, detached)
+        _run(logins, opts, detached, state)
     except Terminated:
         raise KeyboardInterrupt from None  # the CLI's "interrupted", exit 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
         if opts.pidfile is not None:
             owners.remove_pidfile(opts.pidfile)
 
 
 def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
-         detached: owners.Detached | None) -> None:
+         detached: owners.Detached | None, state: KeeperState) -> None:
     _ensure_transport(opts.sysfs_root)
+    for failure in (lock_memory(), set_io_flusher()):
+        if failure is not None:
+            log.warning("keeper: %s", failure)
     with IscsiNetlink() as nl:
-        keepers = _log_in_all(nl, logins, opts)
+        to_recover = _take_all(nl, logins, opts, state)
+        leave = False
         try:
-            _announce(keepers, opts)
+            _announce(state, opts)
             if opts.on_ready is not None:
                 opts.on_ready()
             if opts.pidfile is not None:
                 owners.write_pidfile(opts.pidfile)
+            # READY=1 (systemd's Type=notify, `login --all`) once the disks exist
+            emit_ready(_ready_doc(state))  # with --json also its one-line ready event
             if detached is not None:
                 detached.ready()
             # From here a signal ends the wait for kernel events instead of raising
-            # somewhere inside a relogin: the loop returns and we log out below.
-            nl.watch_signals((signal.SIGTERM, signal.SIGINT))
-            SessionGuard(nl, keepers).run()
+            # somewhere inside a relogin: the loop returns, then we log out or leave.
+            nl.watch_signals((signal.SIGTERM, *LOGOUT_SIGNALS))
+            nl.on_signal(signal.SIGHUP, lambda: _let_go_of_terminal(state))
+            if state.hung_up:
+                _let_go_of_terminal(state)
+            guard = SessionGuard(nl, state.keepers)
+            try:
+                for keeper in to_recover:
+                    guard.recover(keeper, "adopted with its connection down")
+            except Stopped:
+                pass
+            else:
+                guard.run()
+            leave = nl.stop_signal == signal.SIGTERM and state.leave_on_term
+        except Exception:
+            leave = state.leave_on_term  # a crashed service keeper: the next one adopts
+            raise
         finally:
-            _log_out_all(nl, keepers, opts)
+            sdnotify.notify("STOPPING=1")
+            if leave:
+                _leave_all(state, opts)
+            else:
+                _log_out_all(nl, state.keepers, opts)
+
+
+def _let_go_of_terminal(state: KeeperState) -> None:
+    """SIGHUP: the terminal is gone. Keep the sessions, as a service keeper would."""
+    state.hung_up = True
+    if state.leave_on_term:
+        return  # already detached (--daemon) or run by a service manager
+    state.leave_on_term = True
+    _log_to_syslog()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    log.warning("terminal hung up: pid %d keeps session(s) %s in the background; "
+                "`iscsi-handoff logout` ends them", os.getpid(),
+                ", ".join(str(k.sid) for k in state.keepers))
 
 
 def _ensure_transport(sysfs_root: str) -> None:
@@ -123,15 +200,43 @@ def _ensure_transport(sysfs_root: str) -> None:
         raise KernelUnavailable(f"iscsi_tcp is not loaded ({why})")
 
 
-def _log_in_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
-                opts: KernelOptions) -> list[Keeper]:
+def resolve_once(portal: Portal) -> Portal:
+    """The portal with its host resolved to an address, once: relogins use that."""
+    try:
+        infos = socket.getaddrinfo(portal.host, portal.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise NetworkError(f"cannot resolve {portal.host!r} ({exc.strerror})") from None
+    host = str(infos[0][4][0])
+    return Portal(host, portal.port, portal.tpgt)
+
+
+def portal_text(address: str, port: int) -> str:
+    """address:port as sysfs-based listings write it ([v6]:port)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
+              opts: KernelOptions, state: KeeperState) -> list[Keeper]:
+    """Adopt or log in to every target; the adopted ones whose connection is down."""
     timers = SessionTimers(replacement_timeout=int(opts.replacement_timeout))
     handoff_opts = HandoffOptions(queue_depth=opts.queue_depth, timers=timers,
-                                  sysfs_root=opts.sysfs_root, dev_root=opts.dev_root)
-    keepers: list[Keeper] = []
+                                  sysfs_root=opts.sysfs_root, dev_root=opts.dev_root,
+                                  create_lock=registry.run_dir() / "kernel-create.lock")
+    to_recover: list[Keeper] = []
     try:
-        for portal, config in logins:
+        for given, config in logins:
             assert config.target_name is not None
+            portal = resolve_once(given)
+            orphan = kernel_adopt.find(config.target_name, (given, portal),
+                                       sysfs_root=opts.sysfs_root)
+            if orphan is not None:
+                keeper = _adopt(orphan, given, portal, config, timers, opts)
+                state.keepers.append(keeper)
+                state.adopted.add(keeper.sid)
+                if not kernel_adopt.connection_up(orphan.info):
+                    keeper.conn_up = False
+                    to_recover.append(keeper)
+                continue
             began = time.monotonic()
             logged_in = login(portal, config, timeout=opts.login_timeout)
             logged_in_at = time.monotonic()
@@ -143,16 +248,47 @@ def _log_in_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
             log.info("session %d: login %.0f ms, handoff %.0f ms, scan to the disks "
                      "%.0f ms; %.0f ms in all", session.sid, t["login"] * 1000,
                      t.get("netlink", 0) * 1000, t.get("scan", 0) * 1000, t["total"] * 1000)
-            keepers.append(Keeper(session, portal, config, timers,
-                                  login_timeout=opts.login_timeout))
-            owners.write_record(owners.own_record(
-                session.sid, session.host_no, session.target_name,
-                f"{session.address}:{session.port}", session.isid,
-                [d.dev for d in session.disks]))
+            state.keepers.append(Keeper(session, portal, config, timers,
+                                        login_timeout=opts.login_timeout))
+            _record(session, given, config)
     except BaseException:
-        _log_out_all(nl, keepers, opts)  # all or nothing
+        # All or nothing: what we made is logged out, what we adopted is left as found.
+        made = [k for k in state.keepers if k.sid not in state.adopted]
+        _log_out_all(nl, made, opts)
+        state.keepers = []
         raise
-    return keepers
+    return to_recover
+
+
+def _adopt(orphan: kernel_adopt.Orphan, given: Portal, portal: Portal, config: LoginConfig,
+           timers: SessionTimers, opts: KernelOptions) -> Keeper:
+    handle = transport_handle(opts.sysfs_root)
+    assert handle is not None  # _ensure_transport
+    session = kernel_adopt.adopt(orphan, transport_handle=handle,
+                                 initiator_name=config.initiator_name, portal=portal)
+    _record(session, given, config)
+    log.warning("session %d: adopted (its keeper, pid %d, is gone)", session.sid,
+                orphan.record.pid)
+    return Keeper(session, portal, config, timers, login_timeout=opts.login_timeout)
+
+
+def _record(session: KernelSession, given: Portal, config: LoginConfig) -> None:
+    owners.write_record(owners.own_record(
+        session.sid, session.host_no, session.target_name,
+        portal_text(session.address, session.port), session.isid,
+        [d.dev for d in session.disks], login_portal=given.address(),
+        tsih=session.tsih, initial_cmdsn=session.initial_cmdsn,
+        initiator_name=config.initiator_name))
+
+
+def _leave_all(state: KeeperState, opts: KernelOptions) -> None:
+    """Exit keeping the sessions: their records stay for the next keeper to adopt."""
+    for keeper in state.keepers:
+        if keeper.ended is not None:
+            owners.remove_record(keeper.sid, pid=os.getpid())
+            continue
+        _status(f"left session {keeper.sid} ({keeper.session.target_name}) to the "
+                "kernel; the next `login` of it adopts it", opts)
 
 
 def _log_out_all(nl: IscsiNetlink, keepers: list[Keeper], opts: KernelOptions) -> None:
@@ -210,16 +346,28 @@ def session_json(s: KernelSession) -> dict[str, Any]:
     }
 
 
-def _announce(keepers: list[Keeper], opts: KernelOptions) -> None:
+def _ready_doc(state: KeeperState) -> dict[str, Any]:
+    return {"path": "kernel", "pid": os.getpid(),
+            "sessions": [dict(session_json(k.session), adopted=k.sid in state.adopted)
+                         for k in state.keepers]}
+
+
+def _announce(state: KeeperState, opts: KernelOptions) -> None:
+    keepers = state.keepers
     if opts.as_json:
-        click.echo(json.dumps({"path": "kernel", "pid": os.getpid(),
-                               "sessions": [session_json(k.session) for k in keepers]},
-                              indent=2))
+        click.echo(json.dumps(_ready_doc(state), indent=2))
     else:
         for keeper in keepers:
             for line in session_lines(keeper.session):
                 click.echo(line)
-    _status("serving; Ctrl-C or SIGTERM to log out", opts)
+    for sid in sorted(state.adopted):
+        _status(f"session {sid}: adopted (its keeper was gone); no new login", opts)
+    if state.leave_on_term:
+        _status("serving; SIGTERM leaves the sessions to the next keeper, "
+                "`iscsi-handoff logout` logs out", opts)
+    else:
+        _status("serving; Ctrl-C or SIGTERM to log out", opts)
+
 
 
 def _status(text: str, opts: KernelOptions) -> None:

@@ -172,6 +172,46 @@ def probe_kernel(*, sysfs_root: str = "/sys", try_modprobe: bool = True) -> tupl
     return True, f"iscsi_tcp loaded (transport handle {handle}), NETLINK_ISCSI opens, root"
 
 
+# --- open-iscsi beside us ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class IscsidReport:
+    """open-iscsi's iscsid on this machine: running (pids) and enabled (unit files)."""
+
+    running: tuple[int, ...]
+    enabled: tuple[str, ...]
+
+    def line(self) -> str:
+        if not self.running and not self.enabled:
+            return "iscsid: not running, not enabled"
+        parts = []
+        if self.running:
+            parts.append("running (pid " + ", ".join(map(str, self.running)) + ")")
+        if self.enabled:
+            parts.append("enabled (" + ", ".join(self.enabled) + ")")
+        return (f"iscsid: {' and '.join(parts)}; it leaves our sessions alone (we create "
+                "them as the kernel's, sysfs creator -1, which its startup sync skips)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"running": list(self.running), "enabled": list(self.enabled)}
+
+
+def probe_iscsid(*, proc: str = "/proc", systemd_dir: str = "/etc/systemd/system"
+                 ) -> IscsidReport:
+    running = []
+    for entry in Path(proc).iterdir() if Path(proc).is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "iscsid":
+                running.append(int(entry.name))
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    # `systemctl enable` links units into *.wants/; socket activation counts too.
+    enabled = sorted({link.name for link in Path(systemd_dir).glob("*.wants/iscsid.*")})
+    return IscsidReport(tuple(sorted(running)), tuple(enabled))
+
+
 # --- FUSE, loop, bcc ---------------------------------------------------------------
 
 def _importable(module: str) -> tuple[bool, str]:

@@ -7,6 +7,9 @@ negotiated value and timer -> START_CONN -> scan the host -> wait for /dev/sdX.
 Nothing may be unread in the socket at BIND_CONN: the kernel does not parse bytes that
 were queued before it took the socket. After START_CONN the kernel holds its own
 reference to the socket, and our descriptor is closed.
+CREATE_SESSION alone goes through a short-lived socket on netlink port id 0xFFFFFFFF
+(netlink.kernel_port): the session then reads creator -1 in sysfs, and open-iscsi's
+iscsid, started later, leaves it alone rather than logging in to it itself.
 
 On any failure whatever was created is undone, newest first, and our descriptor is
 closed: no session, no SCSI host and no socket are left behind.
@@ -20,11 +23,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kernel_handoff import uevent as ue
 from kernel_handoff.errors import HandoffError, KernelIscsiError, KernelUnavailable
-from kernel_handoff.netlink import IscsiNetlink
+from kernel_handoff.netlink import IscsiNetlink, kernel_port
 from kernel_handoff.params import (
     ParamValue,
     SessionFacts,
@@ -46,6 +51,10 @@ from userland.portal import Portal
 log = logging.getLogger("iscsi_handoff.kernel")
 
 
+# The socket CREATE_SESSION goes through, given the keeper's: a kernel-port one by default
+Creator = Callable[[IscsiNetlink], AbstractContextManager[IscsiNetlink]]
+
+
 @dataclass(frozen=True)
 class HandoffOptions:
     cmds_max: int = 128
@@ -55,6 +64,8 @@ class HandoffOptions:
     by_path_timeout: float = 2.0  # udev's links, when udev runs
     sysfs_root: SysfsRoot = "/sys"
     dev_root: SysfsRoot = "/dev"
+    create_lock: Path | None = None  # queues our processes for the kernel port id
+    creator: Creator | None = None  # None: netlink.kernel_port(create_lock)
 
 
 @dataclass
@@ -192,9 +203,12 @@ def handoff(nl: IscsiNetlink, logged_in: LoggedIn, *, initiator_name: str,
     timings: dict[str, float] = {}
     started = time.monotonic()
     try:
-        reply = nl.request(ue.create_session(handle, initial_cmdsn=result.cmd_sn,
-                                             cmds_max=opts.cmds_max,
-                                             queue_depth=opts.queue_depth))
+        creating = (opts.creator(nl) if opts.creator is not None
+                    else kernel_port(opts.create_lock))
+        with creating as creator:
+            reply = creator.request(ue.create_session(handle, initial_cmdsn=result.cmd_sn,
+                                                      cmds_max=opts.cmds_max,
+                                                      queue_depth=opts.queue_depth))
         ids = reply.fields_r("c_session_ret")
         sid, host_no = ids["sid"], ids["host_no"]
         undo.sid = sid

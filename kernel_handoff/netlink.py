@@ -18,18 +18,31 @@ How the kernel answers (scsi_transport_iscsi, seen on 6.1):
 
 ``IscsiNetlink`` is blocking (the handoff and the recovery loop are plain sequential
 code), with every wait bounded; it drives pyroute2's asyncio socket on a private loop.
+
+Who created a session (sysfs ``creator``) is the netlink port id CREATE_SESSION came
+from; -1 (port id 0xFFFFFFFF) reads as "made by the kernel", and open-iscsi's iscsid
+leaves such sessions alone at its startup sync (``iscsi_sysfs_session_user_created``)
+instead of taking them over with STOP_CONN(RECOVER) and a login of its own. So our
+CREATE_SESSION goes through ``kernel_port()``: a short-lived socket bound to that port
+id. Only one socket per host can hold it, so our processes queue on a lock file and
+retry on EADDRINUSE (a socket of someone else's); the socket is closed right after the
+reply, and everything else goes through the keeper's own socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
+import fcntl
 import logging
+import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pyroute2.netlink import NLM_F_REQUEST, nlmsg
@@ -44,6 +57,9 @@ log = logging.getLogger("iscsi_handoff.netlink")
 NETLINK_ISCSI = 8
 DEFAULT_TIMEOUT = 10.0  # a request the kernel handles in its sender's context: ms, normally
 RCVBUF = 4 << 20  # RECV_PDU and stats bursts must not overflow into ENOBUFS
+KERNEL_PORT_ID = 0xFFFFFFFF  # sysfs creator -1: "made by the kernel", iscsid's sync skips it
+KERNEL_PORT_WAIT = 10.0  # for another process to let go of that port id
+KERNEL_PORT_RETRY = 0.05
 
 
 class iscsi_uevent_msg(nlmsg):  # type: ignore[misc]  # pyroute2's class naming
@@ -89,14 +105,30 @@ def open_error(exc: OSError) -> KernelUnavailable | KernelIscsiError:
     return KernelIscsiError("opening a NETLINK_ISCSI socket", exc.errno or errno.EIO)
 
 
+def bound_socket(port_id: int, groups: int) -> socket.socket:
+    """A NETLINK_ISCSI socket bound to ``port_id`` (pyroute2 0.9's ``bind(pid=N)``
+    leaves the socket unbound, so we bind it ourselves). SOCK_DGRAM, as pyroute2 makes
+    them (netlink treats it as SOCK_RAW; asyncio's datagram endpoint insists on it)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ISCSI)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.bind((port_id, groups))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class IscsiNetlink:
     """A NETLINK_ISCSI socket bound to the iscsid group: request/reply, and events."""
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT,
                  groups: int = ue.ISCSI_NL_GRP_ISCSID,
+                 port_id: int | None = None,
                  use_socket: socket.socket | None = None) -> None:
-        """``use_socket`` (tests only): a datagram socket standing in for the kernel's
-        side, used as is and not bound."""
+        """``port_id``: bind to this netlink port id (EADDRINUSE if taken) instead of a
+        free one. ``use_socket`` (tests only): a datagram socket standing in for the
+        kernel's side, used as is and not bound."""
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._events: collections.deque[KernelEvent] = collections.deque()
@@ -106,6 +138,8 @@ class IscsiNetlink:
         self.stop_signal: int | None = None
         self._closed = False
         try:
+            if port_id is not None:
+                use_socket = bound_socket(port_id, groups)
             self._sock = AsyncIscsiSocket(loop=self._loop, use_socket=use_socket)
             if use_socket is None:
                 # pid=None: pyroute2 picks a free port id, so two sockets in one process
@@ -144,6 +178,11 @@ class IscsiNetlink:
         """
         for signum in signums:
             self._loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def on_signal(self, signum: int, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when ``signum`` comes, during any wait here, without ending
+        it (SIGHUP: a keeper lets go of its terminal and goes on keeping)."""
+        self._loop.add_signal_handler(signum, callback)
 
     def _on_signal(self, signum: int) -> None:
         self.stop_signal = signum
@@ -289,6 +328,55 @@ class IscsiNetlink:
             except ue.UeventDecodeError as exc:
                 log.warning("netlink: ignoring a malformed message: %s", exc)
         return True
+
+
+@contextlib.contextmanager
+def kernel_port(lock: Path | None = None, *, wait: float = KERNEL_PORT_WAIT
+                ) -> Iterator[IscsiNetlink]:
+    """A socket on port id 0xFFFFFFFF for one CREATE_SESSION: its session reads creator
+    -1, which iscsid leaves alone. ``lock`` (a file) queues our own processes; another
+    holder of the port id is waited for, up to ``wait`` seconds."""
+    with contextlib.ExitStack() as stack:
+        deadline = time.monotonic() + wait
+        if lock is not None:
+            stack.enter_context(_flock(lock, deadline))
+        while True:
+            try:
+                nl = IscsiNetlink(port_id=KERNEL_PORT_ID, groups=0)
+                break
+            except KernelIscsiError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise KernelIscsiError(
+                        "binding netlink port id 0xFFFFFFFF (for CREATE_SESSION)",
+                        exc.errno, "another process holds it" if exc.errno ==
+                        errno.EADDRINUSE else "") from None
+                time.sleep(KERNEL_PORT_RETRY)
+        with nl:
+            yield nl
+
+
+@contextlib.contextmanager
+def _flock(path: Path, deadline: float) -> Iterator[None]:
+    """An exclusive lock on ``path`` (made if missing), waited for until ``deadline``;
+    released when the fd closes, so a process that dies holding it holds nothing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise KernelIscsiError(f"opening the lock {path}", exc.errno or errno.EIO) from None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise KernelIscsiError(f"taking the lock {path}", errno.EAGAIN,
+                                           "another login holds it") from None
+                time.sleep(KERNEL_PORT_RETRY)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check(req: RequestMsg, reply: Uevent) -> None:

@@ -5,6 +5,7 @@ guest (tests/vm/guest/test_kernel_*.py); the host has no NETLINK_ISCSI."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,16 +131,17 @@ def test_logout_signals_a_live_owner(tmp_path: Path) -> None:
     try:
         time.sleep(0.2)
         record = owners.SessionRecord(6, 1, TARGET, "p", "x", owner.pid,
-                                      owners.process_start_time(owner.pid))
+                                      owners.process_start_time(owner.pid),
+                                      boot_id=owners.boot_id())
         owners.write_record(record)
         (tmp_path / "class" / "iscsi_session" / "session6").mkdir(parents=True)
         torn: list[int] = []
-        # The owner dies of SIGTERM without logging out (it is only `sleep`): the
+        # The owner dies of SIGUSR1 without logging out (it is only `sleep`): the
         # session is still there, so logout takes it down itself.
         result = logout_one(_info(6), timeout=10, force=False, explicit=True,
                             sysfs_root=str(tmp_path),
                             teardown=lambda sid, **kw: torn.append(sid))
-        assert owner.wait(timeout=10) == -15
+        assert owner.wait(timeout=10) == -signal.SIGUSR1
         assert result.how == "netlink" and torn == [6] and owners.read_record(6) is None
     finally:
         owner.kill()
@@ -154,3 +156,14 @@ def test_logout_cli_without_kernel_iscsi(tmp_path: Path) -> None:
                            "--target", TARGET], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, check=False)
     assert both.returncode == 2 and "exactly one of" in both.stderr
+
+
+def test_logout_never_trusts_a_record_of_another_boot() -> None:
+    # Session ids restart at each boot: this session 7 is not the one recorded.
+    owners.write_record(owners.SessionRecord(7, 1, TARGET, "p", "x", 1, None,
+                                             boot_id="another-boot"))
+    torn: list[int] = []
+    with pytest.raises(ConfigError, match="not made by iscsi-handoff"):
+        logout_one(_info(7), timeout=1, force=False, explicit=True,
+                   teardown=lambda sid, **kw: torn.append(sid))
+    assert torn == []

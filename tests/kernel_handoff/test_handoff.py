@@ -7,6 +7,7 @@ socket. The same code against Debian's real kernel: tests/vm/guest/test_kernel_*
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -126,7 +127,9 @@ def kernel(tree: Tree) -> Iterator[FakeKernel]:
 
 
 def opts(tree: Tree, **kw: Any) -> HandoffOptions:
-    return HandoffOptions(sysfs_root=tree.root, dev_root=tree.dev, by_path_timeout=0, **kw)
+    # One socket for all: the fake kernel has no port id 0xFFFFFFFF to bind.
+    return HandoffOptions(sysfs_root=tree.root, dev_root=tree.dev, by_path_timeout=0,
+                          creator=contextlib.nullcontext, **kw)
 
 
 def run(kernel: FakeKernel, tree: Tree, peer: Peer, result: LoginResult | None = None,

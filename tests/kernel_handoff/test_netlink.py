@@ -14,10 +14,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fake_kernel import FakeKernel, Seen, event, reply
 
+from kernel_handoff import netlink
 from kernel_handoff import uevent as ue
 from kernel_handoff.errors import KernelIscsiError, KernelUnavailable, NetlinkTimeout
 from kernel_handoff.netlink import NETLINK_ISCSI, IscsiNetlink
@@ -168,3 +170,57 @@ def test_after_a_signal_teardown_waits_still_wait(kernel: FakeKernel) -> None:
         kernel.nl.request(ue.destroy_session(HANDLE, 3))  # replies are awaited too
     finally:
         kernel.nl._loop.remove_signal_handler(signal.SIGUSR1)
+
+
+class _Busy:
+    """Stands in for IscsiNetlink(port_id=0xFFFFFFFF): EADDRINUSE ``busy`` times first
+    (another process holds the port id), then a socket that only records its closing."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.opened: list[dict[str, object]] = []
+        self.closed = 0
+
+    def __call__(self, **kw: object) -> _Busy:
+        self.opened.append(kw)
+        if self.busy:
+            self.busy -= 1
+            raise KernelIscsiError("opening", errno.EADDRINUSE)
+        return self
+
+    def __enter__(self) -> _Busy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed += 1
+
+
+def test_kernel_port_waits_for_the_port_id_and_releases_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = _Busy(busy=3)
+    monkeypatch.setattr(netlink, "IscsiNetlink", fake)
+    with netlink.kernel_port(tmp_path / "lock", wait=5) as nl:
+        assert nl is fake  # type: ignore[comparison-overlap]  # the stand-in
+    assert fake.opened[-1] == {"port_id": 0xFFFFFFFF, "groups": 0} and len(fake.opened) == 4
+    assert fake.closed == 1
+    with pytest.raises(KernelIscsiError, match="another process holds it"):
+        fake.busy = 10**6
+        with netlink.kernel_port(tmp_path / "lock", wait=0.2):
+            pass
+
+
+def test_kernel_port_lock_queues_our_processes(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    monkeypatch.setattr(netlink, "IscsiNetlink", _Busy(busy=0))
+    lock = tmp_path / "run" / "lock"
+
+    def take() -> None:
+        with netlink.kernel_port(lock, wait=0.2):
+            pass
+
+    # Another login (here a second open of the lock file: flock is per open file, as
+    # between processes) must wait its turn, for a bounded time.
+    with netlink.kernel_port(lock, wait=5), \
+            pytest.raises(KernelIscsiError, match="another login holds it"):
+        take()
+    take()  # released: free again

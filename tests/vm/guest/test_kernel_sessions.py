@@ -120,9 +120,12 @@ def test_daemon_and_pidfile(tgt: Tgt, tmp_path: Path, figure: Callable[[str], No
     assert pid != os.getpid() and Path(f"/proc/{pid}").exists()
     figure(f"--daemon returned after {time.monotonic() - began:.2f} s, daemon pid {pid}")
     sid = int(re.search(r"session (\d+) on host", done.stdout).group(1))  # type: ignore[union-attr]
-    os.kill(pid, 15)
+    os.kill(pid, 15)  # a service keeper leaves its session for the next one (issue 11)
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or
              Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z",
              timeout=60, what="the daemon to exit on SIGTERM")
-    wait_for(lambda: sid not in sessions_in_sysfs(), timeout=30, what="its session to go")
+    assert sid in sessions_in_sysfs()
     assert not pidfile.exists()
+    done_out = cli("logout", "--session", str(sid))  # its keeper is gone: logged out here
+    assert done_out.exit_code == 0 and "was gone" in done_out.output, done_out.output
+    wait_for(lambda: sid not in sessions_in_sysfs(), timeout=30, what="its session to go")
