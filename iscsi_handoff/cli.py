@@ -52,13 +52,7 @@ from iscsi_handoff.output import (
 )
 from userland.discovery.run import discover
 from userland.discovery.sendtargets import DiscoveredTarget
-from userland.errors import (
-    EXIT_INTERNAL,
-    ConfigError,
-    IscsiError,
-    PathUnavailable,
-    SessionExists,
-)
+from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
@@ -162,8 +156,8 @@ discover_cmd.name = "discover"
               help="Insist on the kernel path (an error where iscsi_tcp is missing).")
 @click.option("--daemon", is_flag=True,
               help="Return once the disks (or storage files) are up; a background process "
-                   "keeps the session (end it with `iscsi-handoff logout`; on the kernel "
-                   "path SIGTERM to it leaves the session for the next keeper). Both paths.")
+                   "keeps the session (end it with `iscsi-handoff logout`). Both paths; on "
+                   "the kernel path SIGTERM to it leaves the session for the next keeper.")
 @click.option("--service", is_flag=True,
               help="Kernel path, for a service manager (the systemd unit): stay in the "
                    "foreground, send READY=1 once the disks exist, and on SIGTERM leave "
@@ -192,12 +186,13 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
     By default the kernel path: log in here, hand the connection to the
     kernel's iscsi_tcp, print each LUN's /dev/sdX, then stay to answer
     connection errors until Ctrl-C or SIGTERM (which log out; SIGHUP leaves
-    it keeping the session in the background). Where the kernel has no
-    iSCSI, the FUSE fallback instead, with a loop device, and one line saying
-    why (`iscsi-handoff doctor` tells which path you get), in a folder of its
-    own under /run/iscsi-handoff/fuse. A second login to the same target and
-    portal is refused (exit 15) unless --force; on the kernel path, a session
-    of ours whose keeper is gone is adopted instead of logged in again.
+    it keeping the session in the background). A session of ours to the
+    same target whose keeper is gone is adopted, not logged in twice; one
+    whose keeper lives is refused (exit 15). Where the kernel has no iSCSI,
+    the FUSE fallback instead, with a loop device, and one line saying why
+    (`iscsi-handoff doctor` tells which path you get), in a folder of its own
+    under /run/iscsi-handoff/fuse. A second login to the same target and
+    portal is refused (exit 15) unless --force.
     With --check: log in to full feature phase, show every negotiated
     parameter and which side chose it, log out, exit 0.
     With --fuse MOUNT: the userland session carries the data and each disk
@@ -223,8 +218,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
                   or trace):
         raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
                           "--kernel, --daemon, --service or --trace")
-    if fuse is not None and (trace or service):
-        raise ConfigError("--trace and --service belong to the kernel path, not --fuse")
+    if fuse is not None and (service or trace):
+        raise ConfigError("--service and --trace belong to the kernel path, not --fuse")
     if daemon and service:
         raise ConfigError("--daemon forks, --service stays in the foreground: pick one")
     # The fallback may be chosen below, so its options apply without --fuse too.
@@ -243,13 +238,12 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         choice = decide(force_kernel=force_kernel, fuse_mount=fuse, loop=data_opts.loop,
                         default_mount=default_mount)
         if choice.path == "kernel":
-            if force or not adoptable(config, portal):
-                refuse_duplicate(config, portal, force=force)
+            refuse_duplicate(config, portal, force=force, adoptable=True)
             run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
                        service=service, pidfile=pidfile, trace=trace, adopt=not force)
             return
         if trace or service:
-            raise PathUnavailable("--trace and --service need the kernel path, which is "
+            raise PathUnavailable("--service and --trace need the kernel path, which is "
                                   f"unavailable here: {choice.notice}")
         check_fuse_prerequisites(loop=choice.loop)
         if fuse is not None:
@@ -274,29 +268,18 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
         click.echo("logged out")
 
 
-def adoptable(config: LoginConfig, portal: Portal) -> bool:
-    """A kernel session of ours to this target and portal that nobody keeps: the kernel
-    path adopts it rather than refusing it as a duplicate (SessionExists, exit 15, when
-    its keeper is alive)."""
-    from iscsi_handoff.kernel_adopt import find
-
-    assert config.target_name is not None
-    try:
-        return find(config.target_name, (portal,)) is not None
-    except SessionExists:
-        return False  # kept: refuse_duplicate says so, in the registry's words
-
-
-def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool) -> None:
+def refuse_duplicate(config: LoginConfig, portal: Portal, *, force: bool,
+                     adoptable: bool = False) -> None:
     """Exit 15 before anything is set up when this initiator has a live session to the
     target and portal (the FUSE keeper's claim under the registry's lock is the race-free
-    check; the kernel path has only this one until its keeper claims too)."""
+    check; the kernel path has only this one until its keeper claims too). ``adoptable``:
+    the kernel path adopts a session of ours whose keeper is gone instead."""
     from iscsi_handoff import registry
 
     assert config.target_name is not None
     if not force:
         registry.refuse_duplicate(target=config.target_name, portal=str(portal),
-                                  initiator_name=config.initiator_name)
+                                  initiator_name=config.initiator_name, adoptable=adoptable)
 
 
 def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions, *,

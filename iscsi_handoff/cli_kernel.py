@@ -33,12 +33,12 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
     fuse    /dev/fuse, pyfuse3, fusermount3 or root: the userland session carries data
     loop    losetup and /dev/loop-control: what --loop needs
     bcc     bcc, kernel headers, kprobes: the optional observer
-    Then whether open-iscsi's iscsid runs or is enabled (it leaves our
-    sessions alone), stale records of ours (another boot, or sysfs names
-    another session: never used), and what dead keepers left (a dead FUSE
-    mount, loop devices, a kernel session nobody answers for), with the
-    command that cleans each; `login` of that target adopts such a kernel
-    session. Exits 0 whatever it finds: it is a diagnosis.
+    Then whether open-iscsi's iscsid runs or is enabled, and each kernel
+    session record of ours: kept (by which pid), without a keeper (the next
+    login of its target adopts it), or stale (another boot, or sysfs
+    disagrees: never used). Then what dead FUSE keepers left (a dead mount,
+    loop devices), with the command that cleans each.
+    Exits 0 whatever it finds: it is a diagnosis.
 
     \b
     Examples:
@@ -50,27 +50,26 @@ def doctor(as_json: bool, no_modprobe: bool, sysfs_root: str) -> None:
 
     report = probe_paths(sysfs_root=sysfs_root, try_modprobe=not no_modprobe)
     iscsid = probe_iscsid()
-    # Before the registry's read drops the stale ones: doctor says what it drops.
-    stale = [r for r in record_states(sysfs_root=sysfs_root) if r.state == "stale"]
-    stale_ids = {str(r.sid) for r in stale}
+    records = record_states(sysfs_root=sysfs_root)
+    # Kernel records are shown by record_states (adoptable); FUSE leftovers need cleaning.
     leftovers = [e for e in registry.entries(sysfs_root=sysfs_root)
-                 if e.state == registry.LEFTOVER and not (
-                     e.record.path == "kernel" and e.record.session_id in stale_ids)]
+                 if e.state == registry.LEFTOVER and e.record.path == "fuse"]
     if as_json:
-        click.echo(json.dumps({**report.to_json(), "iscsid": iscsid.to_json(),
-                               "stale": [asdict(r) for r in stale], "leftovers": [
+        data = report.to_json()
+        data["iscsid"] = iscsid.to_json()
+        data["sessions"] = [asdict(r) for r in records]
+        data["leftovers"] = [
             {"id": e.record.session_id, "path": e.record.path, "target": e.record.target,
-             "why": e.why, "cleanup": e.cleanup} for e in leftovers]}, indent=2))
+             "why": e.why, "cleanup": e.cleanup} for e in leftovers]
+        click.echo(json.dumps(data, indent=2))
         return
     print_report(report)
     click.echo(iscsid.line())
-    for r in stale:
-        click.echo(r.line())
+    for record in records:
+        click.echo(record.line())
     for e in leftovers:
-        adopt = ("; or `iscsi-handoff login` of that target adopts it"
-                 if e.record.path == "kernel" else "")
         click.echo(f"leftover: session {e.record.session_id} ({e.record.target}): {e.why}; "
-                   f"clean it with: {e.cleanup}{adopt}")
+                   f"clean it with: {e.cleanup}")
 
 
 def print_report(report: PathReport) -> None:

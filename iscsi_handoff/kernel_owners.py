@@ -86,10 +86,10 @@ def to_registry(record: SessionRecord, **extra: Any) -> registry.Record:
                               "host_no": record.host_no, "devices": record.devices,
                               "tsih": record.tsih, "initiator_name": record.initiator_name,
                               "ready": True}
+    if not fields["initiator_name"] and "initiator_name" not in extra:
+        fields["initiator_name"] = _sysfs_initiator_name(record.sid)  # the kernel's copy
     if record.initial_cmdsn is not None:
         fields["details"] = {"initial_cmdsn": record.initial_cmdsn}
-    if not record.initiator_name and "initiator_name" not in extra:
-        fields["initiator_name"] = _sysfs_initiator_name(record.sid)  # what the kernel holds
     fields.update(extra)
     base = registry.new_record("kernel", target=record.target, **fields)
     if record.boot_id:

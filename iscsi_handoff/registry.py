@@ -337,9 +337,11 @@ def locked() -> Iterator[None]:
 
 
 def find_duplicates(*, target: str, portals: tuple[str, ...], initiator_name: str,
-                    sysfs_root: str = "/sys") -> list[str]:
+                    sysfs_root: str = "/sys", adoptable: bool = False) -> list[str]:
     """Live sessions (ours on either path, and any kernel session from this initiator
-    name) to ``target`` at one of ``portals``: one line each, for the error."""
+    name) to ``target`` at one of ``portals``: one line each, for the error.
+    ``adoptable``: a kernel session of ours whose keeper is gone is no duplicate (the
+    kernel path's keeper adopts it, kernel_adopt.py, rather than logging in again)."""
     found: list[str] = []
     ours: dict[int, str] = {}  # kernel sid -> how to name it
     counted: set[int] = set()
@@ -350,6 +352,8 @@ def find_duplicates(*, target: str, portals: tuple[str, ...], initiator_name: st
         text = f"session {r.session_id} ({r.path}, pid {r.pid}, {where})"
         if r.sid is not None:
             ours[r.sid] = text
+            if adoptable and entry.state == LEFTOVER:
+                counted.add(r.sid)
         if entry.state != LIVE or r.target != target or r.initiator_name != initiator_name:
             continue  # a kernel record without a name is judged by sysfs below
         if wanted & {r.portal, r.portal_connected}:
@@ -380,11 +384,11 @@ def claim(record: Record, *, force: bool = False, sysfs_root: str = "/sys") -> R
 
 
 def refuse_duplicate(*, target: str, portal: str, initiator_name: str,
-                     sysfs_root: str = "/sys") -> None:
+                     sysfs_root: str = "/sys", adoptable: bool = False) -> None:
     """The check alone, without a claim: an early answer before anything is set up (the
     keeper's claim() is what makes it race-free)."""
     found = find_duplicates(target=target, portals=(portal,), initiator_name=initiator_name,
-                            sysfs_root=sysfs_root)
+                            sysfs_root=sysfs_root, adoptable=adoptable)
     if found:
         raise duplicate_error(target, portal, initiator_name, found)
 

@@ -90,6 +90,7 @@ class HostileTarget(FakeTarget):
         # Switches a test flips while running:
         self.down = False  # new connections are closed at once (a target away)
         self.drop_on_command = False  # a SCSI command closes its connection, unanswered
+        self.tpgt = 1  # the portal group declared at login (a relogin may find another)
 
     def __enter__(self) -> HostileTarget:
         super().__enter__()
@@ -120,7 +121,8 @@ class Connection:
 
     def login(self) -> None:
         req, keys = self.peer.recv_login()
-        self.respond_login(req, [("AuthMethod", "None"), ("TargetPortalGroupTag", "1")],
+        self.respond_login(req, [("AuthMethod", "None"),
+                                 ("TargetPortalGroupTag", str(self.t.tpgt))],
                            nsg=1)
         req, keys = self.peer.recv_login()
         r2t = self.t.mode.startswith("r2t")

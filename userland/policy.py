@@ -8,8 +8,9 @@
 - A command is issued at most ``max_attempts`` times. Every reissue counts: after an
   ABORT TASK, after a relogin, after a target's logout request. Then it fails.
 - A command the target answered against what we asked (Data-In beyond the transfer,
-  a SenseLength beyond its segment, an R2T beyond the write, for 0 bytes or more than
-  MaxBurstLength, a Reject naming it) fails at once, is aborted at the target, and is
+  a read ending GOOD short of its data with no underflow to say so, a SenseLength
+  beyond its segment, an R2T beyond the write, for 0 bytes or more than MaxBurstLength,
+  a Reject naming it) fails at once, is aborted at the target, and is
   never reissued: a target that does it once does it again.
 - The replacement timeout runs from the FIRST connection failure; a relogin that is not
   followed by progress (a command completing) does not restart it. DefaultTime2Wait (or

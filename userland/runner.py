@@ -16,8 +16,15 @@ from dataclasses import replace
 
 import trio
 
-from userland.errors import IscsiError, LoginTimeout, ProtocolError, SessionFailed
-from userland.login.machine import LoginConfig, LoginMachine, LoginResult, Redirected
+from userland.errors import ConfigError, IscsiError, LoginTimeout, ProtocolError, SessionFailed
+from userland.login.machine import (
+    LoginConfig,
+    LoginMachine,
+    LoginResult,
+    Redirected,
+    config_for_redirect,
+    config_pinned,
+)
 from userland.login.run import MAX_REDIRECTS
 from userland.pdu import LoginResponse
 from userland.policy import DEFAULT_REPLACEMENT_TIMEOUT, Bounds
@@ -42,9 +49,17 @@ LOGOUT_TIMEOUT = 5.0
 TICK = 0.5  # how often deadlines are looked at: they are kept to within this
 
 
-async def login_trio(portal: Portal, config: LoginConfig,
-                     timeout: float) -> tuple[Transport, LoginResult]:
-    """Connect and log in with the same machine the blocking path uses."""
+async def login_trio(portal: Portal, config: LoginConfig, timeout: float, *,
+                     pinned: int | None = None) -> tuple[Transport, LoginResult]:
+    """Connect and log in with the same machine the blocking path uses.
+
+    A redirect's portal group is the one due at its address (the user's or SendTargets'
+    tag named the portal we were sent away from). ``pinned``: a relogin's, the portal
+    group of the session's first login; wherever the login lands it must be that group
+    (13.9: a reinstatement in another group is another I_T nexus, not this session).
+    """
+    if pinned is not None:
+        config = config_pinned(replace(config, expected_tpgt=None), pinned)
     try:
         with trio.fail_after(timeout):
             for _ in range(MAX_REDIRECTS + 1):
@@ -61,10 +76,23 @@ async def login_trio(portal: Portal, config: LoginConfig,
                     transport.max_recv_data_segment_length = neg.max_recv_data_segment_length
                     return transport, outcome
                 transport.close()
-                portal = Portal.parse(outcome.target_address, what="redirect TargetAddress")
+                portal = _redirect(outcome.target_address, pinned)
+                config = config_pinned(
+                    config_for_redirect(config, outcome.target_address, portal.tpgt), pinned)
             raise ProtocolError(f"login redirected more than {MAX_REDIRECTS} times")
     except trio.TooSlowError:
         raise LoginTimeout(f"login to {portal}: no answer within {timeout:g} s") from None
+
+
+def _redirect(address: str, pinned: int | None) -> Portal:
+    try:
+        portal = Portal.parse(address, what="redirect TargetAddress")
+    except ConfigError as exc:  # the target's address, not the user's
+        raise ProtocolError(str(exc)) from None
+    if pinned is not None and portal.tpgt is not None and portal.tpgt != pinned:
+        raise ProtocolError(f"relogin redirected to portal group {portal.tpgt}, but the "
+                            f"session's first login was in group {pinned} (RFC 7143 13.9)")
+    return portal
 
 
 async def _login_exchange(transport: Transport,
@@ -108,6 +136,7 @@ class SessionRunner:
         self.session: Session | None = None
         self.transport: Transport | None = None
         self.recoveries = 0
+        self.tpgt: int | None = None  # the first login's portal group; relogins keep it
         self.failed_reason: str | None = None  # set past the replacement timeout
         self._waiters: dict[int, trio.Event] = {}
         self._kick = trio.Event()
@@ -134,6 +163,7 @@ class SessionRunner:
         """Log in (errors reach the caller as they are), then serve in ``nursery``."""
         self.transport, result = await login_trio(self.portal, self.config,
                                                   self.login_timeout)
+        self.tpgt = result.negotiated.target_portal_group_tag
         self.session = Session(result, queue_depth=self.queue_depth,
                                nop_interval=self.nop_interval, nop_timeout=self.nop_timeout,
                                now=trio.current_time(), bounds=self.bounds)
@@ -305,7 +335,7 @@ class SessionRunner:
             timeout = min(self.login_timeout, left) if left > 0 else self.login_timeout
             try:
                 self.transport, result = await login_trio(self.portal, config,
-                                                          max(1.0, timeout))
+                                                          max(1.0, timeout), pinned=self.tpgt)
             except IscsiError as exc:
                 log.info("relogin %d to %s failed: %s", attempt, self.portal, exc)
                 wait = 1.0

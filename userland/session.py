@@ -44,6 +44,7 @@ from userland.pdu import (
     sn_lt,
 )
 from userland.policy import Bounds
+from userland.sense import ScsiStatus
 from userland.task import Task
 
 DEFAULT_QUEUE_DEPTH = 32
@@ -427,11 +428,15 @@ class Session:
         if pdu.underflow and task.received + pdu.residual_count != task.read_length:
             raise TaskFault(task, f"Data-In: {task.received} bytes and a residual of "
                                   f"{pdu.residual_count} for a {task.read_length}-byte read")
+        self._check_all_data(task)
         return self._complete(task)
 
     def _response(self, pdu: ScsiResponse) -> list[Event]:
         task = self._task(pdu.itt, "SCSI Response")
         task.response = pdu.response
+        if pdu.response != 0:
+            # 11.4.3: not completed at the target; its status and residual mean nothing.
+            return self._complete(task)
         task.status = pdu.status
         try:
             task.sense = pdu.sense() if pdu.status else b""
@@ -439,7 +444,23 @@ class Session:
             raise TaskFault(task, str(exc)) from None
         task.residual = pdu.residual_count if pdu.underflow else (
             -pdu.residual_count if pdu.overflow else 0)
+        self._check_all_data(task)
         return self._complete(task)
+
+    @staticmethod
+    def _check_all_data(task: Task) -> None:
+        """A read that ends GOOD brought every byte it asked for, less the underflow the
+        status reports (11.4.5.2, 11.7.5); with an overflow, all it asked. Otherwise the
+        caller would be handed zeros the target never sent. Not GOOD: the data is not
+        the caller's to use, and the residual is optional (11.4.5)."""
+        if not task.read_length or task.status != ScsiStatus.GOOD:
+            return
+        expected = task.read_length - max(task.residual, 0)
+        if task.received != expected:
+            underflow = f"an underflow of {task.residual}" if task.residual > 0 else \
+                "no underflow"
+            raise TaskFault(task, f"status GOOD after {task.received} of "
+                                  f"{task.read_length} bytes with {underflow}")
 
     def _complete(self, task: Task) -> list[Event]:
         del self.tasks[task.itt]

@@ -90,11 +90,6 @@ def _ended_good_without_data(events: list[Event], task: Task) -> bool:
     return done and not failed and task.error is None and task.status == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/session.py Session._response: a SCSI Response GOOD with no Data-In and no "
-    "underflow residual completes a 512-byte read, handing the caller 512 zero bytes "
-    "the target never sent (RFC 7143 11.4.5.2; issue 10, 'every field a target sends is "
-    "checked against what we asked')"))
 def test_read_ending_good_without_its_data_is_refused() -> None:
     session, task = _read_session()
     events = session.receive(ScsiResponse(itt=task.itt, status=0, stat_sn=100,
@@ -102,10 +97,6 @@ def test_read_ending_good_without_its_data_is_refused() -> None:
     assert not _ended_good_without_data(events, task), "read of 512 bytes took 0 as GOOD"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "userland/session.py Session._data_in: a final Data-In with status GOOD after 256 of "
-    "512 bytes, without the U bit and residual, completes the read as a success (RFC 7143 "
-    "11.7.5; issue 10)"))
 def test_short_data_in_with_good_status_and_no_residual_is_refused() -> None:
     session, task = _read_session()
     events = session.receive(DataIn(itt=task.itt, data_sn=0, buffer_offset=0,

@@ -184,6 +184,56 @@ def test_a_residual_that_does_not_add_up_fails_that_command() -> None:
     assert_faulted(s, task, events, "residual")
 
 
+def test_a_read_ending_good_short_of_its_data_fails_that_command() -> None:
+    """11.4.5.2, 11.7.5: GOOD with fewer bytes than asked and no underflow would hand
+    the caller zeros the target never sent: a SCSI Response with no Data-In at all, a
+    final Data-In after half, an overflow after half."""
+    for answer in ("response", "data_in", "overflow"):
+        s = session()
+        task = Task(lun=0, cdb=b"\x28", read_length=512)
+        sent(s, task)
+        if answer == "response":
+            pdu: Pdu = ScsiResponse(itt=task.itt, stat_sn=100)
+        else:
+            pdu = data_in(task, 0, bytes(256))
+            if answer == "overflow":
+                pdu.overflow, pdu.residual_count = True, 512
+        assert_faulted(s, task, s.receive(pdu, 0), "GOOD after", "of 512 bytes")
+        assert task.status == 0 and task.error is not None
+
+
+def test_a_read_whose_data_and_residual_add_up_ends_good() -> None:
+    """The same answers, consistent: the underflow on the Response, on the last
+    Data-In, or all the data with an overflow; and a CHECK CONDITION without data."""
+    s = session()
+    task = Task(lun=0, cdb=b"\x28", read_length=512)
+    sent(s, task)
+    assert s.receive(data_in(task, 0, bytes(256), status=False), 0) == []
+    resp = ScsiResponse(itt=task.itt, underflow=True, residual_count=256, stat_sn=100)
+    assert s.receive(resp, 0) == [TaskDone(task)]
+    assert (task.error, task.received, task.residual) == (None, 256, 256)
+    task = Task(lun=0, cdb=b"\x28", read_length=512)
+    sent(s, task)
+    assert s.receive(data_in(task, 0, bytes(200), underflow=312, stat_sn=101), 0) == [
+        TaskDone(task)]
+    task = Task(lun=0, cdb=b"\x28", read_length=512)
+    sent(s, task)
+    full = data_in(task, 0, bytes(512), stat_sn=102)
+    full.overflow, full.residual_count = True, 4096
+    assert s.receive(full, 0) == [TaskDone(task)] and task.residual == -4096
+    task = Task(lun=0, cdb=b"\x28", read_length=512)
+    sent(s, task)
+    check = ScsiResponse(itt=task.itt, status=2, data=(18).to_bytes(2, "big") + bytes(18),
+                         stat_sn=103)
+    assert s.receive(check, 0) == [TaskDone(task)] and task.error is None
+    task = Task(lun=0, cdb=b"\x28", read_length=512)
+    sent(s, task)
+    failure = ScsiResponse(itt=task.itt, response=0x01, status=0, stat_sn=104)
+    assert s.receive(failure, 0) == [TaskDone(task)]
+    assert (task.response, task.status) == (1, None)  # 11.4.3: no status to take as GOOD
+    assert not s.take_outgoing() and not s.tasks
+
+
 def test_late_pdus_for_a_faulted_command_are_dropped_until_the_abort_answer() -> None:
     s = session()
     task = Task(lun=0, cdb=b"\x28", read_length=8)
