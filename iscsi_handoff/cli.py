@@ -159,9 +159,10 @@ discover_cmd.name = "discover"
                    "keeps the session (end it with `iscsi-handoff logout`). Both paths; on "
                    "the kernel path SIGTERM to it leaves the session for the next keeper.")
 @click.option("--service", is_flag=True,
-              help="Kernel path, for a service manager (the systemd unit): stay in the "
-                   "foreground, send READY=1 once the disks exist, and on SIGTERM leave "
-                   "the session for the next keeper instead of logging out.")
+              help="For a service manager (the systemd units): stay in the foreground, "
+                   "send READY=1 once the disks exist, and on SIGTERM leave a kernel session "
+                   "for the next keeper instead of logging out (a FUSE session cannot "
+                   "outlive its keeper: it logs out).")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the keeping process's pid here.")
 @click.option("--force", is_flag=True,
@@ -218,8 +219,8 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
                   or trace):
         raise ConfigError("--check logs in and out again: it takes no --fuse, --loop, "
                           "--kernel, --daemon, --service or --trace")
-    if fuse is not None and (service or trace):
-        raise ConfigError("--service and --trace belong to the kernel path, not --fuse")
+    if fuse is not None and trace:
+        raise ConfigError("--trace watches the kernel path, not --fuse")
     if daemon and service:
         raise ConfigError("--daemon forks, --service stays in the foreground: pick one")
     # The fallback may be chosen below, so its options apply without --fuse too.
@@ -242,9 +243,11 @@ def login(portal: Portal, target_name: str, check: bool, force_kernel: bool, dae
             run_kernel(portal, config, data_opts, as_json=as_json, daemon=daemon,
                        service=service, pidfile=pidfile, trace=trace, adopt=not force)
             return
-        if trace or service:
-            raise PathUnavailable("--service and --trace need the kernel path, which is "
-                                  f"unavailable here: {choice.notice}")
+        # --service changes nothing here: a FUSE session dies with its keeper, so SIGTERM
+        # logs out (READY=1 goes out once the tree is up, as without it).
+        if trace:
+            raise PathUnavailable("--trace needs the kernel path, which is unavailable "
+                                  f"here: {choice.notice}")
         check_fuse_prerequisites(loop=choice.loop)
         if fuse is not None:
             check_mountpoint(fuse, force=force)

@@ -64,8 +64,9 @@ def _start(node: Node, index: int, *, daemon: bool, as_json: bool, verbose: int)
     env = dict(os.environ, NOTIFY_SOCKET="@" + name)
     argv = [sys.executable, "-m", "iscsi_handoff", *(["-v"] * verbose), "login",
             "--node", node.target, "--portal", str(node.portal)]
-    if daemon:
-        argv.append("--daemon")
+    # --service: a SIGTERM passed on (systemd stopping or restarting the boot unit) leaves
+    # a kernel session for the next keeper to adopt; logging out is `logout`'s job.
+    argv.append("--daemon" if daemon else "--service")
     if as_json:
         argv.append("--json")
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,

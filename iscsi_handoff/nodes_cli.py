@@ -157,6 +157,7 @@ def node_delete(target: str | None, portal_text: str | None, as_json: bool) -> N
 def boot_unit(command: Sequence[str]) -> str:
     """The unit: after the network, before remote filesystems; up once the disks exist."""
     exec_start = " ".join(command)
+    logout = " ".join([*command[:-2], "logout", "--all"])  # command ends "login --all"
     env = ""
     if "ISCSI_HANDOFF_CONFIG_DIR" in os.environ:
         env = f"Environment=ISCSI_HANDOFF_CONFIG_DIR={os.environ['ISCSI_HANDOFF_CONFIG_DIR']}\n"
@@ -175,9 +176,13 @@ Conflicts=shutdown.target
 Type=notify
 NotifyAccess=main
 {env}ExecStart={exec_start}
+# A stop or restart leaves kernel sessions for the next keeper (FUSE ones cannot outlive
+# their keeper); at shutdown, filesystems are unmounted first (remote-fs), then we log out.
+ExecStop=/bin/sh -c 'if [ "$$(systemctl is-system-running)" = stopping ]; then exec {logout}; fi'
 TimeoutStartSec=infinity
-KillMode=control-group
+KillMode=mixed
 TimeoutStopSec=90
+OOMScoreAdjust=-1000
 
 [Install]
 WantedBy=remote-fs.target

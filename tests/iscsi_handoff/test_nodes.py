@@ -207,8 +207,12 @@ def test_boot_unit_and_install() -> None:
     for expected in ("Type=notify", "After=network-online.target",
                      "Before=remote-fs-pre.target remote-fs.target shutdown.target",
                      "ExecStart=/usr/bin/iscsi-handoff login --all",
+                     "KillMode=mixed", "OOMScoreAdjust=-1000",
                      "WantedBy=remote-fs.target"):
         assert expected in lines, text
+    # A stop or restart leaves kernel sessions to the next keeper: only shutdown logs out.
+    stop = next(line for line in lines if line.startswith("ExecStop="))
+    assert "is-system-running" in stop and "/usr/bin/iscsi-handoff logout --all" in stop
     unit_dir = Path(os.environ["ISCSI_HANDOFF_CONFIG_DIR"]).parent / "units"
     done = run("node", "install-boot", "--unit-dir", str(unit_dir))
     assert done.returncode == 0, done.stderr
