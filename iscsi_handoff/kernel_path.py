@@ -95,7 +95,15 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
     _ensure_transport(opts.sysfs_root)
     with IscsiNetlink() as nl:
         keepers = _log_in_all(nl, logins, opts)
+        # Each session recovers in a thread on a socket of its own; the scan runs while
+        # this loop still answers CONN_ERRORs; rescans follow recoveries and LUN changes.
+        guard = SessionGuard(nl, keepers, open_nl=IscsiNetlink,
+                             sysfs_root=opts.sysfs_root, dev_root=opts.dev_root)
         try:
+            guard.start()
+            guard.initial_scan(timeout=HandoffOptions.disk_timeout)
+            for keeper in keepers:
+                _record(keeper)  # now with its disks
             _announce(keepers, opts)
             if opts.on_ready is not None:
                 opts.on_ready()
@@ -106,8 +114,9 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
             # From here a signal ends the wait for kernel events instead of raising
             # somewhere inside a relogin: the loop returns and we log out below.
             nl.watch_signals((signal.SIGTERM, signal.SIGINT))
-            SessionGuard(nl, keepers).run()
+            guard.run()
         finally:
+            guard.stop()
             _log_out_all(nl, keepers, opts)
 
 
@@ -127,7 +136,8 @@ def _log_in_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
                 opts: KernelOptions) -> list[Keeper]:
     timers = SessionTimers(replacement_timeout=int(opts.replacement_timeout))
     handoff_opts = HandoffOptions(queue_depth=opts.queue_depth, timers=timers,
-                                  sysfs_root=opts.sysfs_root, dev_root=opts.dev_root)
+                                  sysfs_root=opts.sysfs_root, dev_root=opts.dev_root,
+                                  scan=False)  # SessionGuard.initial_scan does it
     keepers: list[Keeper] = []
     try:
         for portal, config in logins:
@@ -140,19 +150,24 @@ def _log_in_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
             session.timings["login"] = logged_in_at - began
             session.timings["total"] = time.monotonic() - began
             t = session.timings
-            log.info("session %d: login %.0f ms, handoff %.0f ms, scan to the disks "
-                     "%.0f ms; %.0f ms in all", session.sid, t["login"] * 1000,
-                     t.get("netlink", 0) * 1000, t.get("scan", 0) * 1000, t["total"] * 1000)
+            log.info("session %d: login %.0f ms, handoff %.0f ms; %.0f ms in all",
+                     session.sid, t["login"] * 1000, t.get("netlink", 0) * 1000,
+                     t["total"] * 1000)
             keepers.append(Keeper(session, portal, config, timers,
                                   login_timeout=opts.login_timeout))
-            owners.write_record(owners.own_record(
-                session.sid, session.host_no, session.target_name,
-                f"{session.address}:{session.port}", session.isid,
-                [d.dev for d in session.disks]))
+            _record(keepers[-1])
     except BaseException:
         _log_out_all(nl, keepers, opts)  # all or nothing
         raise
     return keepers
+
+
+def _record(keeper: Keeper) -> None:
+    session = keeper.session
+    owners.write_record(owners.own_record(
+        session.sid, session.host_no, session.target_name,
+        f"{session.address}:{session.port}", session.isid,
+        [d.dev for d in session.disks]))
 
 
 def _log_out_all(nl: IscsiNetlink, keepers: list[Keeper], opts: KernelOptions) -> None:
