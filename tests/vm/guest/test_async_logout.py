@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from iscsi_handoff.tgtlab import LunSpec, Tgt
 
@@ -31,6 +32,34 @@ def pdu_length(bhs: bytes) -> int:
     return BHS + bhs[4] * 4 + ((data + 3) & ~3)
 
 
+@dataclass
+class Relayed:
+    """One relayed connection: the kernel's side, tgtd's side, what went to tgtd."""
+
+    down: socket.socket  # to the initiator (the kernel)
+    up: socket.socket  # to tgtd
+    lock: threading.Lock = field(default_factory=threading.Lock)  # whole PDUs only
+    sn: bytes | None = None  # StatSN, ExpCmdSN, MaxCmdSN of tgtd's last response
+    opcodes: list[int] = field(default_factory=list)  # of the initiator's PDUs
+
+
+def pdus(sock: socket.socket) -> Iterator[bytes]:
+    """Whole PDUs as they come off a socket, until it closes."""
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except OSError:
+            return
+        if not chunk:
+            return
+        buf += chunk
+        while len(buf) >= BHS and len(buf) >= pdu_length(buf[:BHS]):
+            n = pdu_length(buf[:BHS])
+            yield buf[:n]
+            buf = buf[n:]
+
+
 class Relay:
     """127.0.0.1:<port> -> tgtd, relaying whole PDUs target-side so one can be slipped in."""
 
@@ -38,8 +67,7 @@ class Relay:
         self.upstream = upstream
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.connections: list[dict[str, object]] = []
-        self._lock = threading.Lock()
+        self.connections: list[Relayed] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -52,77 +80,49 @@ class Relay:
                 down, _ = self.listener.accept()
             except OSError:
                 return
-            up = socket.create_connection(self.upstream)
-            conn: dict[str, object] = {"down": down, "up": up, "lock": threading.Lock(),
-                                       "sn": None, "opcodes": []}
-            with self._lock:
-                self.connections.append(conn)
+            conn = Relayed(down, socket.create_connection(self.upstream))
+            self.connections.append(conn)
             threading.Thread(target=self._to_target, args=(conn,), daemon=True).start()
             threading.Thread(target=self._to_initiator, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _pdus(sock: socket.socket) -> object:
-        buf = b""
-        while True:
+    def _to_target(self, conn: Relayed) -> None:
+        for pdu in pdus(conn.down):
+            conn.opcodes.append(pdu[0] & 0x3F)
             try:
-                chunk = sock.recv(1 << 16)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buf += chunk
-            while len(buf) >= BHS and len(buf) >= pdu_length(buf[:BHS]):
-                n = pdu_length(buf[:BHS])
-                yield buf[:n]
-                buf = buf[n:]
-
-    def _to_target(self, conn: dict[str, object]) -> None:
-        up = conn["up"]
-        assert isinstance(up, socket.socket)
-        opcodes = conn["opcodes"]
-        assert isinstance(opcodes, list)
-        for pdu in self._pdus(conn["down"]):  # type: ignore[attr-defined, arg-type]
-            opcodes.append(pdu[0] & 0x3F)
-            try:
-                up.sendall(pdu)
+                conn.up.sendall(pdu)
             except OSError:
                 break
-        up.close()
+        conn.up.close()
 
-    def _to_initiator(self, conn: dict[str, object]) -> None:
-        down, lock = conn["down"], conn["lock"]
-        assert isinstance(down, socket.socket) and isinstance(lock, type(threading.Lock()))
-        for pdu in self._pdus(conn["up"]):  # type: ignore[attr-defined, arg-type]
-            with lock:
+    def _to_initiator(self, conn: Relayed) -> None:
+        for pdu in pdus(conn.up):
+            with conn.lock:
                 if pdu[0] & 0x3F in TARGET_OPCODES_WITH_STATSN:
-                    conn["sn"] = pdu[24:36]  # StatSN, ExpCmdSN, MaxCmdSN
+                    conn.sn = pdu[24:36]
                 try:
-                    down.sendall(pdu)
+                    conn.down.sendall(pdu)
                 except OSError:
                     break
-        down.close()
+        conn.down.close()
 
     def request_logout(self, within: int = 10) -> None:
         """An Async Message, AsyncEvent 1, on the newest connection, between PDUs."""
         conn = self.connections[-1]
-        lock, down, sn = conn["lock"], conn["down"], conn["sn"]
-        assert isinstance(down, socket.socket) and isinstance(sn, bytes)
+        assert conn.sn is not None, "tgtd has not answered anything on it yet"
         pdu = bytearray(BHS)
         pdu[0], pdu[1] = 0x32, 0x80
         pdu[16:20] = b"\xff\xff\xff\xff"  # ITT: reserved
-        pdu[24:36] = sn
+        pdu[24:36] = conn.sn
         pdu[36] = 1  # the target requests a logout
         pdu[42:44] = within.to_bytes(2, "big")  # Parameter3: within this many seconds
-        with lock:  # type: ignore[attr-defined]
-            down.sendall(pdu)
+        with conn.lock:
+            conn.down.sendall(pdu)
 
     def close(self) -> None:
         self.listener.close()
         for conn in self.connections:
-            for key in ("down", "up"):
-                sock = conn[key]
-                assert isinstance(sock, socket.socket)
-                sock.close()
+            conn.down.close()
+            conn.up.close()
 
 
 def test_async_logout_request_is_answered_with_a_logout_and_a_relogin(
@@ -144,9 +144,8 @@ def test_async_logout_request_is_answered_with_a_logout_and_a_relogin(
                                      r"request \(response 0\)", timeout=30, start=mark)
             line = run.wait_line(rf"session {disk.sid}: recovered in", timeout=60,
                                  start=mark)
-            opcodes = relay.connections[0]["opcodes"]
-            assert isinstance(opcodes, list)
-            assert LOGOUT_REQUEST in opcodes, "no Logout Request on the first connection"
+            assert LOGOUT_REQUEST in relay.connections[0].opcodes, \
+                "no Logout Request on the first connection"
             wait_for(lambda: len(relay.connections) >= 2, timeout=10, what="the relogin")
             second = os.urandom(1 << 20)
             write_direct(disk.dev, 1 << 20, second)

@@ -59,17 +59,17 @@ def test_target_gone_past_the_replacement_timeout_comes_back_by_itself(
         stopped_at = time.monotonic()
         try:
             run.wait_line(rf"session {disk.sid}: connection failed", timeout=60, start=mark)
+            # SCSI error handling, when its aborts and resets fail during an outage,
+            # offlines the device (`offline`, unlike the `blocked` and `transport-offline`
+            # the transport sets and clears itself): from there nothing but a write of
+            # `running` brings it back. Put the disk there, as error handling does.
+            blocked_state = sdev_state(disk.name)
+            Path(f"/sys/block/{disk.name}/device/state").write_text("offline\n")
             run.wait_line(rf"session {disk.sid}: relogin attempt \d+ failed.*replacement "
                           "timeout passed", timeout=90, start=mark)
-            # I/O now fails at once (the kernel's transport-offline); a command that had
-            # been in flight would have gone through SCSI error handling, which offlines
-            # the device when its resets fail: that state, nothing but a write of
-            # `running` brings back. Put the disk there, as error handling does.
-            with pytest.raises(OSError):
-                read_direct(disk.dev, 0, 4096)
-            seen_state = sdev_state(disk.name)
-            Path(f"/sys/block/{disk.name}/device/state").write_text("offline\n")
             assert sdev_state(disk.name) == "offline"
+            with pytest.raises(OSError):
+                read_direct(disk.dev, 0, 4096)  # I/O fails at once now
         finally:
             os.kill(pid, signal.SIGCONT)
         outage = time.monotonic() - stopped_at
@@ -85,8 +85,8 @@ def test_target_gone_past_the_replacement_timeout_comes_back_by_itself(
         assert read_direct(disk.dev, CHUNK, CHUNK) == after
         assert backing_has(target.lun_paths[0], 0, before)
         assert backing_has(target.lun_paths[0], CHUNK, after)
-        figure(f"outage of {outage:.0f} s (replacement timeout {REPLACEMENT} s, state "
-               f"{seen_state} then offline): {line.strip()}; {rescan.strip()}")
+        figure(f"outage of {outage:.0f} s (replacement timeout {REPLACEMENT} s, device "
+               f"{blocked_state}, then offline): {line.strip()}; {rescan.strip()}")
         assert run.stop() == 0, run.output()
 
 
