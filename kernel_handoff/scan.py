@@ -163,7 +163,8 @@ def revive_offline(root: SysfsRoot, sid: int) -> tuple[list[str], list[str]]:
             continue
         if state != "offline":
             continue
-        failure = _write(sdev / "state", "running")
+        # store_state_field() wants the newline: "running" alone is EINVAL
+        failure = _write(sdev / "state", "running\n")
         if failure is None:
             revived.append(sdev.name)
         else:
