@@ -276,3 +276,56 @@ def test_a_session_not_redirected_keeps_the_peer_address(kernel: FakeKernel) -> 
     k = keeper()
     pin_persistent_portal(kernel.nl, k)
     assert kernel.seen == []
+
+
+# --- sessions recovering independently -------------------------------------------------
+
+def test_one_sessions_recovery_never_holds_up_anothers(kernel: FakeKernel,
+                                                       logins: Logins) -> None:
+    import dataclasses
+    import threading
+
+    from kernel_handoff.recovery import Keeper
+
+    kernels: list[FakeKernel] = []
+
+    def open_nl():  # type: ignore[no-untyped-def]
+        k = FakeKernel(scsicmd_pdus=10)  # each recovery's own socket, its own kernel
+        k.conns.update({(3, 0), (5, 0)})
+        kernels.append(k)
+        return k.nl
+
+    release = threading.Event()
+    slow_isid = keeper().session.isid
+
+    def login_fn(portal, config, timeout):  # type: ignore[no-untyped-def]
+        if config.isid == slow_isid:
+            release.wait(10)  # session 3's target takes its time
+        return logins(portal, config, timeout)
+
+    one = keeper()
+    other_session = dataclasses.replace(one.session, sid=5, isid=bytes.fromhex("80aaaa000005"))
+    two = Keeper(other_session, one.portal, dataclasses.replace(one.config,
+                 isid=other_session.isid), one.timers, 5.0)
+    guard = SessionGuard(kernel.nl, [one, two], login_fn=login_fn, open_nl=open_nl)
+    try:
+        guard.dispatch(ue.ConnErrorEvent(3, 0, ConnErr.TCP_CONN_CLOSE))
+        guard.dispatch(ue.ConnErrorEvent(5, 0, ConnErr.TCP_CONN_CLOSE))
+        deadline = time.monotonic() + 10
+        while two.recoveries == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert two.recoveries == 1 and two.conn_up  # while session 3 still waits
+        assert one.recoveries == 0 and not one.conn_up
+        # a repeated error for the session in recovery starts no second recovery
+        guard.dispatch(ue.ConnErrorEvent(3, 0, ConnErr.TCP_CONN_CLOSE))
+        release.set()
+        assert one.worker is not None
+        one.worker.join(10)
+        assert one.recoveries == 1 and one.conn_up
+        assert kernel.seen == []  # every request went on the recoveries' own sockets
+        assert sum(k.names().count("START_CONN") for k in kernels) == 2
+    finally:
+        release.set()
+        guard.stop()
+        for k in kernels:
+            k.close()
