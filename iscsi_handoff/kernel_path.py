@@ -104,6 +104,7 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
             guard.initial_scan(timeout=HandoffOptions.disk_timeout)
             for keeper in keepers:
                 _record(keeper)  # now with its disks
+                _log_timings(keeper.session)
             _announce(keepers, opts)
             if opts.on_ready is not None:
                 opts.on_ready()
@@ -148,11 +149,7 @@ def _log_in_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
             session = handoff(nl, logged_in, initiator_name=config.initiator_name,
                               target_name=config.target_name, options=handoff_opts)
             session.timings["login"] = logged_in_at - began
-            session.timings["total"] = time.monotonic() - began
-            t = session.timings
-            log.info("session %d: login %.0f ms, handoff %.0f ms; %.0f ms in all",
-                     session.sid, t["login"] * 1000, t.get("netlink", 0) * 1000,
-                     t["total"] * 1000)
+            session.timings["total"] = time.monotonic() - began  # the scan adds to it
             keepers.append(Keeper(session, portal, config, timers,
                                   login_timeout=opts.login_timeout))
             _record(keepers[-1])
@@ -160,6 +157,14 @@ def _log_in_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
         _log_out_all(nl, keepers, opts)  # all or nothing
         raise
     return keepers
+
+
+def _log_timings(session: KernelSession) -> None:
+    t = session.timings
+    t["total"] = t.get("total", 0) + t.get("scan", 0)
+    log.info("session %d: login %.0f ms, handoff %.0f ms, scan to the disks %.0f ms; "
+             "%.0f ms in all", session.sid, t["login"] * 1000, t.get("netlink", 0) * 1000,
+             t.get("scan", 0) * 1000, t["total"] * 1000)
 
 
 def _record(keeper: Keeper) -> None:

@@ -424,29 +424,38 @@ class SessionGuard:
             keeper.worker.start()
 
     def _recover_thread(self, keeper: Keeper, why: str) -> None:
+        """Recover until it works, the session ends, or the keeper stops.
+
+        A kernel that refuses a request (STOP_CONN, GET_STATS) is asked again at the
+        slow pace: a thread that gave up would leave a session nobody keeps.
+        """
         assert self.open_nl is not None
+        nl: IscsiNetlink | None = None
         try:
-            nl = self.open_nl()
-        except IscsiError as exc:
-            log.error("session %d: cannot open a netlink socket to recover it: %s",
-                      keeper.sid, exc)
-            return
-        try:
-            while True:
-                self.recover(keeper, why, nl=nl)
+            while keeper.ended is None and not self._stopping.is_set():
+                try:
+                    if nl is None:
+                        nl = self.open_nl()
+                    self.recover(keeper, why, nl=nl)
+                except IscsiError as exc:
+                    log.error("session %d: recovery failed (%s); trying again in %.0f s",
+                              keeper.sid, exc, SLOW_RETRY)
+                    if self._stopping.wait(SLOW_RETRY):
+                        return
+                    why = "retrying"
+                    continue
                 with self._lock:
-                    if not keeper.again or keeper.ended is not None:
+                    if not keeper.again:
                         return
                     keeper.again = False
                 why = "the new connection failed as well"
         except Stopped:
             log.info("session %d: recovery stopped", keeper.sid)
-        except IscsiError as exc:
-            log.error("session %d: recovery gave up: %s", keeper.sid, exc)
         except Exception:
             log.exception("session %d: recovery failed", keeper.sid)
         finally:
-            nl.close()
+            if nl is not None:
+                nl.close()
 
     def recover(self, keeper: Keeper, why: str, *, stop_first: bool = True,
                 nl: IscsiNetlink | None = None) -> None:
