@@ -194,3 +194,13 @@ def test_a_panic_fails_with_the_console_tail(tmp_path: Path) -> None:
                for p in problems)  # the bad lines, from the console: no dmesg.txt
     crashed = next(p for p in problems if "no exit status" in p)
     assert "Fatal exception in interrupt" in crashed  # the console's last lines
+
+
+def test_the_whole_suite_takes_two_boots_a_narrowed_one_one() -> None:
+    first, second = boot.suite_boots([])
+    assert list(boot.SECOND_BOOT) == second
+    assert first == [f"--ignore={p}" for p in boot.SECOND_BOOT]
+    assert "tests/vm/guest" in boot.pytest_command(first)  # the rest of the suite
+    assert boot.suite_boots(["-k", "rescan"]) == [["-k", "rescan"]]
+    for path in boot.SECOND_BOOT:
+        assert (boot.REPO / path).is_file(), path

@@ -29,6 +29,10 @@ from .kernlog import bad_lines
 
 QEMU = "qemu-system-x86_64"
 GUEST_SUITE = "tests/vm/guest"
+# A second boot runs these (recovery all the way: outages, rescans, async logout, two
+# targets in one keeper), so that neither boot nears the 10-minute hard timeout.
+SECOND_BOOT = ("tests/vm/guest/test_recovery_full.py", "tests/vm/guest/test_rescan.py",
+               "tests/vm/guest/test_async_logout.py")
 DEFAULT_TIMEOUT = 590.0  # with the kernel fetch, the VM stage stays under 10 minutes
 GUEST_MARGIN = 30.0  # the guest's own pytest timeout leaves this for boot and shutdown
 LAB_FAILED = 120  # init.sh: the guest could not be set up
@@ -120,6 +124,14 @@ def prepare(log: Log | None = None) -> tuple[Kernel, Initramfs]:
     """The current stock kernel and its initramfs, from the cache when it has them."""
     kernel = prepare_kernel(log=log)
     return kernel, build_initramfs(kernel)
+
+
+def suite_boots(args: Sequence[str]) -> list[list[str]]:
+    """The pytest arguments of each boot the whole guest suite takes: two (SECOND_BOOT
+    apart) when no arguments narrow it, one otherwise (-k, -x, paths: a developer's run)."""
+    if args:
+        return [list(args)]
+    return [[f"--ignore={path}" for path in SECOND_BOOT], list(SECOND_BOOT)]
 
 
 def pytest_command(args: Sequence[str]) -> list[str]:
