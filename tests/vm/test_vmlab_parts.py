@@ -202,5 +202,7 @@ def test_the_whole_suite_takes_two_boots_a_narrowed_one_one() -> None:
     assert first == [f"--ignore={p}" for p in boot.SECOND_BOOT]
     assert "tests/vm/guest" in boot.pytest_command(first)  # the rest of the suite
     assert boot.suite_boots(["-k", "rescan"]) == [["-k", "rescan"]]
+    from .vmlab.common import REPO
+
     for path in boot.SECOND_BOOT:
-        assert (boot.REPO / path).is_file(), path
+        assert (REPO / path).is_file(), path
