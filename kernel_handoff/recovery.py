@@ -145,7 +145,6 @@ class Rescanner:
         self._cond = threading.Condition()
         self._why: list[str] = []
         self._stop = False
-        self._busy = False
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"rescan-{keeper.sid}")
 
@@ -156,10 +155,6 @@ class Rescanner:
         with self._cond:
             self._why.append(why)
             self._cond.notify_all()
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._why and not self._busy
 
     def stop(self) -> None:
         """Ask the thread to end; a scan stuck in the kernel is left to finish alone."""
@@ -177,14 +172,10 @@ class Rescanner:
                     return
                 why = ", ".join(dict.fromkeys(self._why))
                 self._why.clear()
-                self._busy = True
             try:
                 self.rescan(why)
             except Exception:  # a thread that dies would rescan no more
                 log.exception("session %d: rescan failed", self.keeper.sid)
-            finally:
-                with self._cond:
-                    self._busy = False
 
     def rescan(self, why: str) -> RescanReport:
         k = self.keeper
