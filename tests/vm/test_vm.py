@@ -24,7 +24,7 @@ def _echo(line: str) -> None:
     sys.stdout.flush()
 
 
-@pytest.mark.parametrize("part", [0, 1], ids=["suite", "recovery"])
+@pytest.mark.parametrize("part", [0, 1], ids=["first", "second"])
 def test_guest_suite_passes_on_the_stock_kernel(part: int,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     why = boot.unavailable_reason()
