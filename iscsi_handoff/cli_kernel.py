@@ -214,7 +214,10 @@ def logout(target_name: str | None, sid: str | None, every: bool, force: bool,
 
 def register(group: click.Group) -> None:
     """Add `doctor`, `session` and `logout` to the main CLI group, with its epilog."""
-    for command in (doctor, session, session_list, logout):
+    from iscsi_handoff.session_rescan import rescan
+
+    session.add_command(rescan)
+    for command in (doctor, session, session_list, logout, rescan):
         command.epilog = group.epilog
     group.add_command(doctor)
     group.add_command(session)

@@ -22,6 +22,7 @@ on a page-in or DNS while the disk it lives on is frozen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -30,7 +31,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -81,6 +82,7 @@ class KeeperState:
     adopted: set[int]  # sids taken over from a keeper that was gone
     leave_on_term: bool  # SIGTERM leaves the sessions to the next keeper
     hung_up: bool = False
+    given: dict[int, Portal] = field(default_factory=dict)  # sid -> the portal as named
 
 
 class Terminated(BaseException):
@@ -137,7 +139,19 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
     with IscsiNetlink() as nl:
         to_recover = _take_all(nl, logins, opts, state)
         leave = False
+        # Each session recovers in a thread on a socket of its own; the scan runs while
+        # this loop still answers CONN_ERRORs; rescans follow recoveries and LUN changes.
+        guard = SessionGuard(nl, state.keepers, open_nl=IscsiNetlink,
+                             sysfs_root=opts.sysfs_root, dev_root=opts.dev_root)
         try:
+            guard.start()
+            for keeper in to_recover:  # adopted with the connection down: before the scan
+                guard.start_recovery(keeper, "adopted with its connection down")
+            guard.initial_scan(timeout=HandoffOptions.disk_timeout)
+            for keeper in state.keepers:
+                _record(keeper.session, state.given[keeper.sid], keeper.config)  # + disks
+                if keeper.sid not in state.adopted:
+                    _log_timings(keeper.session)
             _announce(state, opts)
             if opts.on_ready is not None:
                 opts.on_ready()
@@ -153,19 +167,14 @@ def _run(logins: Sequence[tuple[Portal, LoginConfig]], opts: KernelOptions,
             nl.on_signal(signal.SIGHUP, lambda: _let_go_of_terminal(state))
             if state.hung_up:
                 _let_go_of_terminal(state)
-            guard = SessionGuard(nl, state.keepers)
-            try:
-                for keeper in to_recover:
-                    guard.recover(keeper, "adopted with its connection down")
-            except Stopped:
-                pass
-            else:
+            with contextlib.suppress(Stopped):  # a signal during an inline recovery
                 guard.run()
             leave = nl.stop_signal == signal.SIGTERM and state.leave_on_term
         except Exception:
             leave = state.leave_on_term  # a crashed service keeper: the next one adopts
             raise
         finally:
+            guard.stop()
             sdnotify.notify("STOPPING=1")
             if leave:
                 _leave_all(state, opts)
@@ -187,6 +196,14 @@ def _let_go_of_terminal(state: KeeperState) -> None:
     log.warning("terminal hung up: pid %d keeps session(s) %s in the background; "
                 "`iscsi-handoff logout` ends them", os.getpid(),
                 ", ".join(str(k.sid) for k in state.keepers))
+
+
+def _log_timings(session: KernelSession) -> None:
+    t = session.timings
+    t["total"] = t.get("total", 0) + t.get("scan", 0)
+    log.info("session %d: login %.0f ms, handoff %.0f ms, scan to the disks %.0f ms; "
+             "%.0f ms in all", session.sid, t["login"] * 1000, t.get("netlink", 0) * 1000,
+             t.get("scan", 0) * 1000, t["total"] * 1000)
 
 
 def _ensure_transport(sysfs_root: str) -> None:
@@ -222,7 +239,8 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
     timers = SessionTimers(replacement_timeout=int(opts.replacement_timeout))
     handoff_opts = HandoffOptions(queue_depth=opts.queue_depth, timers=timers,
                                   sysfs_root=opts.sysfs_root, dev_root=opts.dev_root,
-                                  create_lock=registry.run_dir() / "kernel-create.lock")
+                                  create_lock=registry.run_dir() / "kernel-create.lock",
+                                  scan=False)  # SessionGuard.initial_scan does it
     to_recover: list[Keeper] = []
     try:
         for given, config in logins:
@@ -234,6 +252,7 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
                 keeper = _adopt(orphan, given, portal, config, timers, opts)
                 state.keepers.append(keeper)
                 state.adopted.add(keeper.sid)
+                state.given[keeper.sid] = given
                 if not kernel_adopt.connection_up(orphan.info):
                     keeper.conn_up = False
                     to_recover.append(keeper)
@@ -244,13 +263,10 @@ def _take_all(nl: IscsiNetlink, logins: Sequence[tuple[Portal, LoginConfig]],
             session = handoff(nl, logged_in, initiator_name=config.initiator_name,
                               target_name=config.target_name, options=handoff_opts)
             session.timings["login"] = logged_in_at - began
-            session.timings["total"] = time.monotonic() - began
-            t = session.timings
-            log.info("session %d: login %.0f ms, handoff %.0f ms, scan to the disks "
-                     "%.0f ms; %.0f ms in all", session.sid, t["login"] * 1000,
-                     t.get("netlink", 0) * 1000, t.get("scan", 0) * 1000, t["total"] * 1000)
+            session.timings["total"] = time.monotonic() - began  # the scan adds to it
             state.keepers.append(Keeper(session, portal, config, timers,
                                         login_timeout=opts.login_timeout))
+            state.given[session.sid] = given
             _record(session, given, config)
     except BaseException:
         # All or nothing: what we made is logged out, what we adopted is left as found.

@@ -61,6 +61,7 @@ class HandoffOptions:
     queue_depth: int = 32
     timers: SessionTimers = field(default_factory=SessionTimers)
     disk_timeout: float = 20.0  # scan to every disk LUN's /dev/sdX
+    scan: bool = True  # False: the caller scans (recovery.SessionGuard.initial_scan)
     by_path_timeout: float = 2.0  # udev's links, when udev runs
     sysfs_root: SysfsRoot = "/sys"
     dev_root: SysfsRoot = "/dev"
@@ -229,12 +230,14 @@ def handoff(nl: IscsiNetlink, logged_in: LoggedIn, *, initiator_name: str,
         undo.started = True
         timings["netlink"] = time.monotonic() - started
         conn.close()  # the kernel holds its own reference since BIND_CONN
-        scanned = time.monotonic()
-        disks = scan_and_wait(opts.sysfs_root, sid, host_no, timeout=opts.disk_timeout,
-                              dev_root=opts.dev_root)
-        disks = wait_by_path(disks, opts.sysfs_root, sid, timeout=opts.by_path_timeout,
-                             dev_root=opts.dev_root)
-        timings["scan"] = time.monotonic() - scanned
+        disks: list[DiskInfo] = []
+        if opts.scan:
+            scanned = time.monotonic()
+            disks = scan_and_wait(opts.sysfs_root, sid, host_no, timeout=opts.disk_timeout,
+                                  dev_root=opts.dev_root)
+            disks = wait_by_path(disks, opts.sysfs_root, sid,
+                                 timeout=opts.by_path_timeout, dev_root=opts.dev_root)
+            timings["scan"] = time.monotonic() - scanned
     except BaseException:
         if not undo.bound:
             _logout_userland(conn, result)

@@ -6,7 +6,10 @@ works; event 105 says it is done), a Logout Request through SEND_PDU (the kernel
 ITT, CmdSN and ExpStatSN) and its Logout Response as a RECV_PDU event, bounded by 15 s,
 then STOP_CONN(TERM), DESTROY_CONN, DESTROY_SESSION (which refuses -EBUSY while a
 connection exists). With the connection down (recovery in progress) there is no one to
-send a Logout to: the rest still runs.
+send a Logout to: the rest still runs. A connection that fails during the teardown
+(a CONN_ERROR for the session) short-circuits it the same way: the disks' flush would
+wait out the replacement timeout and the Logout Response would never come, so
+STOP_CONN(TERM) fails their I/O at once and no Logout is waited for.
 
 From another process only the session id is needed: the transport handle, the
 connection id and whether it is up come from sysfs.
@@ -23,7 +26,13 @@ from kernel_handoff import uevent as ue
 from kernel_handoff.errors import KernelIscsiError, KernelUnavailable, NetlinkTimeout
 from kernel_handoff.netlink import IscsiNetlink
 from kernel_handoff.sysfs import SysfsRoot, get_session, transport_handle
-from kernel_handoff.uevent import Event, KernelEvent, RecvPduEvent, SessionEvent
+from kernel_handoff.uevent import (
+    ConnErrorEvent,
+    Event,
+    KernelEvent,
+    RecvPduEvent,
+    SessionEvent,
+)
 from userland.errors import IscsiError
 from userland.pdu import BHS_LEN, LogoutReason, LogoutRequest, Opcode
 
@@ -51,18 +60,29 @@ def logout_request_bhs() -> bytes:
     return bhs
 
 
+def _is_conn_error(ev: KernelEvent, sid: int) -> bool:
+    return isinstance(ev, ConnErrorEvent) and ev.sid == sid
+
+
 def _is_unbind(sid: int) -> Callable[[KernelEvent], bool]:
     def match(ev: KernelEvent) -> bool:
-        return isinstance(ev, SessionEvent) and ev.kind == Event.UNBIND_SESSION \
-            and ev.sid == sid
+        return (isinstance(ev, SessionEvent) and ev.kind == Event.UNBIND_SESSION
+                and ev.sid == sid) or _is_conn_error(ev, sid)
     return match
 
 
 def _is_logout_response(sid: int, cid: int) -> Callable[[KernelEvent], bool]:
     def match(ev: KernelEvent) -> bool:
-        return isinstance(ev, RecvPduEvent) and ev.sid == sid and ev.cid == cid \
-            and ev.opcode == Opcode.LOGOUT_RESPONSE
+        return (isinstance(ev, RecvPduEvent) and ev.sid == sid and ev.cid == cid
+                and ev.opcode == Opcode.LOGOUT_RESPONSE) or _is_conn_error(ev, sid)
     return match
+
+
+def _stop_term(nl: IscsiNetlink, handle: int, sid: int, cid: int) -> None:
+    try:
+        nl.request(ue.stop_conn(handle, sid, cid, ue.StopConn.TERM))
+    except KernelIscsiError as exc:
+        log.warning("session %d: %s", sid, exc)
 
 
 def logout_session(nl: IscsiNetlink, handle: int, sid: int, cid: int = 0, *,
@@ -79,23 +99,33 @@ def logout_session(nl: IscsiNetlink, handle: int, sid: int, cid: int = 0, *,
     """
     report = TeardownReport(sid)
     started = time.monotonic()
+    stopped = False
     if conn_up:
         try:
             nl.request(ue.unbind_session(handle, sid))
-            nl.wait_for(_is_unbind(sid), timeout=unbind_timeout,
-                        what=f"the UNBIND_SESSION event (session {sid})")
+            event = nl.wait_for(_is_unbind(sid), timeout=unbind_timeout,
+                                what=f"the UNBIND_SESSION event (session {sid})")
+            if isinstance(event, ConnErrorEvent):
+                log.warning("session %d: the connection failed (%s) while its disks were "
+                            "removed: failing their I/O now", sid, event.error_name)
+                conn_up = False
+                _stop_term(nl, handle, sid, cid)
+                stopped = True
+                nl.wait_for(_is_unbind(sid), timeout=unbind_timeout,
+                            what=f"the UNBIND_SESSION event (session {sid})")
             report.unbound = True
         except KernelIscsiError as exc:
             log.warning("session %d: removing its disks failed (%s); logging out anyway",
                         sid, exc)
+    if conn_up:
         report.logout_response = _logout_pdu(nl, handle, sid, cid, logout_timeout)
         report.logged_out = report.logout_response == 0
-    for req in (ue.stop_conn(handle, sid, cid, ue.StopConn.TERM),
-                ue.destroy_conn(handle, sid, cid)):
-        try:
-            nl.request(req)
-        except KernelIscsiError as exc:  # a connection already gone: destroy anyway
-            log.warning("session %d: %s", sid, exc)
+    if not stopped:
+        _stop_term(nl, handle, sid, cid)
+    try:
+        nl.request(ue.destroy_conn(handle, sid, cid))
+    except KernelIscsiError as exc:  # a connection already gone: destroy anyway
+        log.warning("session %d: %s", sid, exc)
     nl.request(ue.destroy_session(handle, sid))
     report.destroyed = True
     report.seconds = time.monotonic() - started
@@ -113,6 +143,10 @@ def _logout_pdu(nl: IscsiNetlink, handle: int, sid: int, cid: int,
         return None
     except KernelIscsiError as exc:
         log.warning("session %d: sending the Logout failed (%s); closing anyway", sid, exc)
+        return None
+    if isinstance(event, ConnErrorEvent):
+        log.warning("session %d: the connection failed (%s) before the Logout Response; "
+                    "closing it", sid, event.error_name)
         return None
     assert isinstance(event, RecvPduEvent)
     response = event.bhs[2]

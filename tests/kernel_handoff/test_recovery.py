@@ -164,13 +164,19 @@ def test_refused_rebind_stops_and_retries(kernel: FakeKernel, logins: Logins,
     assert all(c.sock.fileno() == -1 for c in logins.conns)
 
 
-def test_invalid_host_ends_the_session(kernel: FakeKernel, logins: Logins) -> None:
+def test_invalid_host_ends_and_destroys_the_session(kernel: FakeKernel,
+                                                    logins: Logins) -> None:
     k = keeper()
+    guard = SessionGuard(kernel.nl, [k], login_fn=logins)
+    kernel.send(*event(Event.CONN_ERROR, "connerror", sid=3, cid=0,
+                       error=ConnErr.INVALID_HOST))
     with pytest.raises(SessionFailed, match="INVALID_HOST"):
-        SessionGuard(kernel.nl, [k], login_fn=logins).dispatch(
-            conn_error(ConnErr.INVALID_HOST))
-    assert k.ended is not None and not k.conn_up
-    assert kernel.seen == [] and logins.configs == []
+        guard.run()  # its only session is over: the loop ends, saying why
+    assert k.ended is not None and k.failed and not k.conn_up
+    # destroyed, not left for nobody to keep; no relogin tried
+    assert kernel.names() == ["STOP_CONN", "DESTROY_CONN", "DESTROY_SESSION"]
+    assert kernel.seen[0].fields["flag"] == ue.StopConn.TERM
+    assert logins.configs == []
 
 
 def test_other_sessions_are_not_ours(kernel: FakeKernel, logins: Logins) -> None:

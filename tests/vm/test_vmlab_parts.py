@@ -135,3 +135,74 @@ def test_pytest_command_runs_the_guest_suite_unless_given_paths() -> None:
         ["tests/vm/guest", "--color=no", "-p", "no:cacheprovider", "-k", "chap"]
     one = boot.pytest_command(["tests/vm/guest/test_lab.py"])
     assert "tests/vm/guest" not in one and one[-1] == "tests/vm/guest/test_lab.py"
+
+
+PANIC_CONSOLE = [
+    "vm| tests/vm/guest/test_kernel_recovery.py .",
+    "[   81.123456] BUG: kernel NULL pointer dereference, address: 0000000000000008",
+    "[   81.123999] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+    "[   81.124100] Call Trace:",
+    "[   81.125000] Kernel panic - not syncing: Fatal exception in interrupt",
+]
+
+
+def test_the_kernel_log_check_finds_every_kind_of_splat() -> None:
+    from .vmlab.kernlog import bad_lines
+
+    log = "\n".join([
+        "[    1.0] iscsi: registered transport (tcp)",
+        "[    2.0] sd 2:0:0:1: [sdb] 2097152 512-byte logical blocks",
+        "[    3.0] ------------[ cut here ]------------",
+        "[    3.1] WARNING: CPU: 1 PID: 77 at drivers/scsi/libiscsi.c:123 foo+0x1/0x2",
+        "[    4.0] general protection fault, probably for non-canonical address",
+        "[    5.0] INFO: task python3:99 blocked for more than 120 seconds.",
+        "[    5.1] Call Trace:",
+        "[    6.0] sd 2:0:0:1: LUN assignments on this target have changed.",
+        *PANIC_CONSOLE[1:],
+    ])
+    found = bad_lines(log)
+    assert [line.split("] ", 1)[1][:12] for line in found] == [
+        "------------", "WARNING: CPU", "general prot", "Call Trace:",
+        "BUG: kernel ", "Oops: 0000 [", "Call Trace:", "Kernel panic"]
+
+
+def test_init_sh_greps_what_the_host_checks() -> None:
+    from .vmlab.kernlog import BAD
+
+    text = (Path(boot.__file__).parent / "init.sh").read_text()
+    m = re.search(r"^KERNEL_BAD='([^']*)'$", text, re.M)
+    assert m is not None
+    # init.sh's grep -E pattern is the same expression (its \\[ is \[ to grep)
+    assert m.group(1).replace("\\\\", "\\") == BAD
+
+
+def test_a_bad_kernel_log_fails_a_passing_run(tmp_path: Path) -> None:
+    (tmp_path / "dmesg.txt").write_text(
+        "[ 1.0] ok\n[ 2.0] WARNING: CPU: 0 PID: 1 at net/core/sock.c:1 x+0x1/0x2\n")
+    run = boot.RunResult(tmp_path, "r", qemu_returncode=243, status=121,
+                         summary="12 passed in 80.12s")
+    (problem,) = run.problems()
+    assert "WARNING: CPU: 0 PID: 1" in problem
+    clean = boot.RunResult(tmp_path / "none", "r", status=0, summary="1 passed in 1.00s")
+    assert clean.problems() == []
+
+
+def test_a_panic_fails_with_the_console_tail(tmp_path: Path) -> None:
+    run = boot.RunResult(tmp_path, "r", qemu_returncode=0, console=list(PANIC_CONSOLE))
+    problems = run.problems()
+    assert any("Kernel panic - not syncing" in p and "BUG: kernel NULL" in p
+               for p in problems)  # the bad lines, from the console: no dmesg.txt
+    crashed = next(p for p in problems if "no exit status" in p)
+    assert "Fatal exception in interrupt" in crashed  # the console's last lines
+
+
+def test_the_whole_suite_takes_two_boots_a_narrowed_one_one() -> None:
+    first, second = boot.suite_boots([])
+    assert list(boot.SECOND_BOOT) == second
+    assert first == [f"--ignore={p}" for p in boot.SECOND_BOOT]
+    assert "tests/vm/guest" in boot.pytest_command(first)  # the rest of the suite
+    assert boot.suite_boots(["-k", "rescan"]) == [["-k", "rescan"]]
+    from .vmlab.common import REPO
+
+    for path in boot.SECOND_BOOT:
+        assert (REPO / path).is_file(), path

@@ -60,13 +60,27 @@ def main(argv: list[str]) -> int:
                 return EXIT_USAGE
             result = boot.run(argv, timeout=timeout, echo=print)
         else:
-            result = boot.run(boot.pytest_command(argv), timeout=timeout, echo=print)
+            # The whole suite takes two boots (boot.SECOND_BOOT); any argument, one.
+            result = boot.run(boot.pytest_command(boot.suite_boots(argv)[0]),
+                              timeout=timeout, echo=print)
+            for more in boot.suite_boots(argv)[1:]:
+                if result.problems():
+                    break
+                _report(result, mode)
+                result = boot.run(boot.pytest_command(more), timeout=timeout, echo=print)
     except LabError as exc:
         print(f"vmlab: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vmlab: interrupted", file=sys.stderr)
         return 130
+    _report(result, mode)
+    if result.status is None:
+        return EXIT_INTERNAL
+    return result.status
+
+
+def _report(result: boot.RunResult, mode: str) -> None:
     boot_time = "?" if result.boot_seconds is None else f"{result.boot_seconds:.1f} s"
     print(f"vmlab: {result.release}: root ready after {boot_time}, "
           f"QEMU ran {result.seconds:.1f} s; status {result.status}; "
@@ -74,9 +88,6 @@ def main(argv: list[str]) -> int:
     if mode == "suite":
         for problem in result.problems():
             print(f"vmlab: {problem}", file=sys.stderr)
-    if result.status is None:
-        return EXIT_INTERNAL
-    return result.status
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@
 # shellcheck shell=dash
 
 LAB_FAILED=120    # the guest could not be set up (pytest's own codes are 0-5)
+KERNEL_LOG_FAILED=121  # the tests passed, but the kernel logged a BUG/Oops/WARNING/panic
+# What in the kernel's log fails the run (vmlab/kernlog.py BAD: keep the two in step).
+KERNEL_BAD='BUG: |Oops|WARNING: CPU|------------\[ cut here \]|Kernel panic|general protection fault|Call Trace:'
 HOST_ROOT_TAG=hostroot
 RESULTS_TAG=results
 NINEP_OPTS=trans=virtio,version=9p2000.L,msize=512000
@@ -168,9 +171,19 @@ stage2() {
         status=$?
         set +o pipefail
     fi
-    echo "$status" > "$R/status"
     say "job exited with status ${status:-?} at $(uptime_s) s"
+    # Every run ends by reading the kernel's log: a BUG, Oops, WARNING or panic fails
+    # it, whatever the tests said.
     $BB dmesg > "$R/dmesg.txt"
+    if $BB grep -E "$KERNEL_BAD" "$R/dmesg.txt" > "$R/kernel-problems.txt"; then
+        say "FAILED: the kernel logged a BUG, Oops, WARNING, panic or Call Trace:"
+        while IFS= read -r line; do say "kernel| $line"; done < "$R/kernel-problems.txt"
+        [ "${status:-1}" = 0 ] && status=$KERNEL_LOG_FAILED
+    else
+        $BB rm -f "$R/kernel-problems.txt"
+        say "kernel log clean (no BUG, Oops, WARNING, panic or Call Trace)"
+    fi
+    echo "$status" > "$R/status"
     cat /proc/modules > "$R/modules.txt"
     $BB sync
     power_off "${status:-$LAB_FAILED}"
