@@ -24,7 +24,7 @@ def _echo(line: str) -> None:
     sys.stdout.flush()
 
 
-@pytest.mark.parametrize("part", [0, 1], ids=["first", "second"])
+@pytest.mark.parametrize("part", [0, 1, 2], ids=["first", "second", "third"])
 def test_guest_suite_passes_on_the_stock_kernel(part: int,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     why = boot.unavailable_reason()

@@ -196,13 +196,14 @@ def test_a_panic_fails_with_the_console_tail(tmp_path: Path) -> None:
     assert "Fatal exception in interrupt" in crashed  # the console's last lines
 
 
-def test_the_whole_suite_takes_two_boots_a_narrowed_one_one() -> None:
-    first, second = boot.suite_boots([])
-    assert list(boot.SECOND_BOOT) == second
-    assert first == [f"--ignore={p}" for p in boot.SECOND_BOOT]
+def test_the_whole_suite_takes_three_boots_a_narrowed_one_one() -> None:
+    first, second, third = boot.suite_boots([])
+    assert list(boot.SECOND_BOOT) == second and list(boot.THIRD_BOOT) == third
+    assert first == [f"--ignore={p}" for p in (*boot.SECOND_BOOT, *boot.THIRD_BOOT)]
     assert "tests/vm/guest" in boot.pytest_command(first)  # the rest of the suite
     assert boot.suite_boots(["-k", "rescan"]) == [["-k", "rescan"]]
+    assert not set(boot.SECOND_BOOT) & set(boot.THIRD_BOOT)  # no test runs twice
     from .vmlab.common import REPO
 
-    for path in boot.SECOND_BOOT:
+    for path in (*boot.SECOND_BOOT, *boot.THIRD_BOOT):
         assert (REPO / path).is_file(), path

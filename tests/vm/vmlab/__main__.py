@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
                 return EXIT_USAGE
             result = boot.run(argv, timeout=timeout, echo=print)
         else:
-            # The whole suite takes two boots (boot.SECOND_BOOT); any argument, one.
+            # The whole suite takes three boots (boot.LATER_BOOTS); any argument, one.
             result = boot.run(boot.pytest_command(boot.suite_boots(argv)[0]),
                               timeout=timeout, echo=print)
             for more in boot.suite_boots(argv)[1:]:
