@@ -12,6 +12,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class Unit:
         self.notify.bind(str(notify))
         self.notify.settimeout(READY_WAIT)
         self.log = log
+        self.started = time.monotonic()
+        self.ready_after = 0.0
         with log.open("wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -68,7 +71,9 @@ class Unit:
     def ready(self) -> list[str]:
         """The first datagram (READY=1 and STATUS=...), as systemd would take it."""
         try:
-            return self.notify.recv(4096).decode().splitlines()
+            message = self.notify.recv(4096).decode().splitlines()
+            self.ready_after = time.monotonic() - self.started
+            return message
         except TimeoutError:
             raise AssertionError(f"no READY=1 within {READY_WAIT:g} s (exit "
                                  f"{self.proc.poll()}):\n{self.output()}") from None
@@ -162,8 +167,9 @@ def test_discover_save_to_kernel_disks_at_boot(tgt: Tgt, tmp_path: Path,
         sids = {iqn: row["sid"] for iqn, row in rows.items()}
         devs = {iqn: row["disks"][0]["dev"] for iqn, row in rows.items()}
         keepers = {iqn: row["registry"]["pid"] for iqn, row in rows.items()}
-        figure(f"boot login --all: both kernel disks ready, sids {sorted(sids.values())}")
-        data = {iqn: (iqn.encode() * 4096)[:1 << 20] for iqn in targets}
+        figure(f"boot login --all: READY=1 with both kernel disks after "
+               f"{boot.ready_after:.1f} s, sids {sorted(sids.values())}")
+        data = {iqn: (iqn.encode() * (1 << 20))[:1 << 20] for iqn in targets}
         for iqn, target in targets.items():
             write_direct(devs[iqn], 1 << 20, data[iqn])
             with target.lun_paths[0].open("rb") as f:  # tgtd's file: it went over the wire
@@ -191,7 +197,8 @@ def test_discover_save_to_kernel_disks_at_boot(tgt: Tgt, tmp_path: Path,
         drop_caches()
         for iqn in targets:
             assert read_direct(devs[iqn], 1 << 20, 1 << 20) == data[iqn]
-        figure("restarted unit adopted both sessions (same sids, same disks)")
+        figure(f"restarted unit: READY=1 after {again.ready_after:.1f} s, "
+               "both sessions adopted (same sids, same disks)")
 
         # `systemctl stop`: SIGTERM to the unit's control group. The README: "stopping
         # it logs every node out".
