@@ -175,7 +175,8 @@ Conflicts=shutdown.target
 [Service]
 Type=notify
 NotifyAccess=main
-{env}ExecStart={exec_start}
+{env}ExecStartPre=-/sbin/modprobe -a scsi_transport_iscsi iscsi_tcp
+ExecStart={exec_start}
 # A stop or restart leaves kernel sessions for the next keeper (FUSE ones cannot outlive
 # their keeper); at shutdown, filesystems are unmounted first (remote-fs), then we log out.
 ExecStop=/bin/sh -c 'if [ "$$(systemctl is-system-running)" = stopping ]; then exec {logout}; fi'

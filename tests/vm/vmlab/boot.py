@@ -38,7 +38,7 @@ SECOND_BOOT = ("tests/vm/guest/test_recovery_full.py", "tests/vm/guest/test_resc
                "tests/vm/guest/test_trace.py")
 # Keepers and their sessions: adoption, iscsid beside us, the session registry.
 THIRD_BOOT = ("tests/vm/guest/test_keeper_adopt.py", "tests/vm/guest/test_iscsid_beside.py",
-              "tests/vm/guest/test_kernel_sessions.py")
+              "tests/vm/guest/test_kernel_sessions.py", "tests/vm/guest/test_nodes_kernel.py")
 LATER_BOOTS = (SECOND_BOOT, THIRD_BOOT)
 DEFAULT_TIMEOUT = 590.0  # with the kernel fetch, the VM stage stays under 10 minutes
 GUEST_MARGIN = 30.0  # the guest's own pytest timeout leaves this for boot and shutdown
