@@ -235,7 +235,8 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                             async with trio.open_nursery() as tasks:
                                 if rescans is not None:
                                     tasks.start_soon(rescan_on_signal, rescans, served, tree,
-                                                     opts.mountpoint, opts.loop)
+                                                     opts.mountpoint,
+                                                     mounted.loops if opts.loop else None)
                                 tasks.start_soon(_refresh_details, runners, records)
 
                         async def stopping() -> None:
@@ -248,8 +249,9 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                                     mounted.loops.remove(device)
                                     click.echo(f"detached {device}")
                             for record in records:
+                                now = registry.read(record.name) or record  # rescans add
                                 registry.update(record.name, loops=tuple(
-                                    d for d in record.loops
+                                    d for d in now.loops
                                     if loopdev.backing_file(d) is not None))
 
                         def ours() -> bool:

@@ -53,18 +53,20 @@ class Changes:
 
 
 async def rescan_on_signal(signals: AsyncIterator[int], served: list[Served], tree: Tree,
-                           mountpoint: Path, loop: bool) -> None:
+                           mountpoint: Path, loops: list[str] | None) -> None:
+    """``loops``: with --loop, the keeper's loop devices (new ones are added to it, so
+    the stop detaches them too); None without."""
     async for _ in signals:
         log.info("rescan requested")
         for session in served:
-            await rescan_session(session, tree, mountpoint, loop)
+            await rescan_session(session, tree, mountpoint, loops)
 
 
 async def rescan_session(session: Served, tree: Tree, mountpoint: Path,
-                         loop: bool) -> Changes:
+                         loops: list[str] | None) -> Changes:
     changes = Changes()
     try:
-        await _rescan(session, tree, mountpoint, loop, changes)
+        await _rescan(session, tree, mountpoint, loops, changes)
     except Exception as exc:  # the session is down, REPORT LUNS failed, ...
         changes.errors.append(str(exc))
     for error in changes.errors:
@@ -73,7 +75,7 @@ async def rescan_session(session: Served, tree: Tree, mountpoint: Path,
     return changes
 
 
-async def _rescan(session: Served, tree: Tree, mountpoint: Path, loop: bool,
+async def _rescan(session: Served, tree: Tree, mountpoint: Path, loops: list[str] | None,
                   changes: Changes) -> None:
     entry = session.entry
     folder = mountpoint / entry.hostname / short_name(entry.targetname)
@@ -90,7 +92,7 @@ async def _rescan(session: Served, tree: Tree, mountpoint: Path, loop: bool,
         if number in known:
             continue
         try:
-            await _add(session, number, tree, folder, loop, luns, changes)
+            await _add(session, number, tree, folder, loops, luns, changes)
         except Exception as exc:
             changes.errors.append(f"LUN {number}: {exc}")
 
@@ -120,7 +122,7 @@ async def _resize(lun: LunEntry, tree: Tree, shown: dict[str, Any],
     log.info("LUN %d: %d -> %d bytes", lun.number, was, size)
 
 
-async def _add(session: Served, number: int, tree: Tree, folder: Path, loop: bool,
+async def _add(session: Served, number: int, tree: Tree, folder: Path, loops: list[str] | None,
                luns: dict[str, dict[str, Any]], changes: Changes) -> None:
     lun = Lun(session.runner, number)
     await lun.probe()
@@ -140,9 +142,10 @@ async def _add(session: Served, number: int, tree: Tree, folder: Path, loop: boo
     added: dict[str, Any] = {"lun": number, **shown}
     changes.added.append(added)
     log.info("LUN %d added: %s (%d bytes)", number, storage, size)
-    if loop:
+    if loops is not None:
         device = await loopdev.attach(storage, read_only=lun.read_only,
                                       sector_size=lun.block_size)
+        loops.append(device)
         shown["loop"] = added["loop"] = device
 
 
