@@ -5,11 +5,12 @@ Per session: REPORT LUNS again; each new disk LUN is probed and added as
 ``lun<N>/storage`` with its info files (and attached to a loop device with --loop);
 each known LUN's capacity is read again, and a new size reaches the storage file (the
 kernel is told to forget the cached size) and its loop device (`losetup -c`). A LUN
-the target no longer reports is left in the tree: its I/O fails with the target's
-error. Commands go through the session's ``execute``, under the same bounds as any
-I/O. Errors are logged and recorded, never fatal: the keeper keeps serving. The
-record's ``details.rescans`` counts finished rescans and ``details.last_rescan`` says
-what changed; `session rescan` waits for the count to move.
+the target no longer reports is listed as removed but left in the tree (a filesystem
+may be mounted on it): its I/O fails with the target's error. Commands go through
+the session's ``execute``, under the same bounds as any I/O. Errors are logged and
+recorded, never fatal: the keeper keeps serving. The record's ``details.rescans``
+counts finished rescans and ``details.last_rescan`` says what changed; `session
+rescan` waits for the count to move.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Served:
 class Changes:
     added: list[dict[str, Any]] = field(default_factory=list)
     resized: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -84,6 +86,9 @@ async def _rescan(session: Served, tree: Tree, mountpoint: Path, loops: list[str
     numbers = await report_luns(session.runner)
     known = {lun.number: lun for lun in entry.luns}
     for lun in list(entry.luns):
+        if lun.number not in numbers:
+            changes.removed.append(lun.number)
+            continue
         try:
             await _resize(lun, tree, luns.get(str(lun.number), {}), changes)
         except Exception as exc:
@@ -170,7 +175,7 @@ def _record(name: str, changes: Changes) -> None:
         if shown is not None:
             luns[str(resized["lun"])] = {**shown, "size_bytes": resized["size_bytes"]}
     last = {"at": time.time(), "added": changes.added, "resized": changes.resized,
-            "errors": changes.errors}
+            "removed": changes.removed, "errors": changes.errors}
     registry.update(name, storage=tuple(storage), loops=tuple(loops), by_path=tuple(by_path),
                     details={"luns": luns, "rescans": record.details.get("rescans", 0) + 1,
                              "last_rescan": last})

@@ -95,6 +95,8 @@ def fuse_summary(last: dict[str, Any]) -> str:
              for a in last.get("added", [])]
     parts += [f"LUN {c['lun']} resized to {c['size_bytes']} bytes (was {c['was_bytes']})"
               for c in last.get("resized", [])]
+    parts += [f"LUN {n} no longer reported (left in the tree; its I/O fails)"
+              for n in last.get("removed", [])]
     parts += list(last.get("errors", []))
     return "; ".join(parts) or "nothing changed"
 
@@ -103,7 +105,8 @@ def fuse_json(record: registry.Record) -> dict[str, Any]:
     last = record.details.get("last_rescan", {})
     return {"path": "fuse", "id": record.session_id, "target": record.target,
             "pid": record.pid, "added": last.get("added", []),
-            "resized": last.get("resized", []), "errors": last.get("errors", []),
+            "resized": last.get("resized", []), "removed": last.get("removed", []),
+            "errors": last.get("errors", []),
             "luns": record.details.get("luns", {})}
 
 

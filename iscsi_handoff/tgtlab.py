@@ -436,10 +436,14 @@ class Tgt:
     def reload_lun(self, target: Target, lun: int) -> None:
         """Delete LUN ``lun`` and add it again from the same file: tgtd reads a backing
         file's size only when a LUN is added, so this is how a LUN grows on tgt."""
-        tid = str(target.tid)
-        self._adm("--mode", "logicalunit", "--op", "delete", "--tid", tid, "--lun", str(lun))
-        self._adm("--mode", "logicalunit", "--op", "new", "--tid", tid, "--lun", str(lun),
-                  "--backing-store", str(target.lun_paths[lun - 1]))
+        self.delete_lun(target, lun)
+        self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(target.tid),
+                  "--lun", str(lun), "--backing-store", str(target.lun_paths[lun - 1]))
+
+    def delete_lun(self, target: Target, lun: int) -> None:
+        """LUN ``lun`` gone from the target (its file stays, for a reload)."""
+        self._adm("--mode", "logicalunit", "--op", "delete", "--tid", str(target.tid),
+                  "--lun", str(lun))
 
     def _backing_file(self, tid: int, lun: int, spec: LunSpec) -> Path:
         if spec.path is not None:

@@ -1,7 +1,8 @@
 """`session rescan` on a FUSE session, against a real tgtd, real /dev/fuse and losetup:
 a LUN added on the target appears as lunN/storage (and a loop device), readable and
 writable; a LUN grown on the target (tgt: the LUN reloaded from its grown file) shows
-its new size in the storage file and the loop device; the record says so."""
+its new size in the storage file and the loop device; the record says so. A LUN
+removed on the target stays in the tree (its I/O fails) and the keeper serves on."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
+import pytest
 from test_fuse_sessions_tgt import (  # noqa: F401
     Keeper,
     MiB,
@@ -33,7 +36,7 @@ def _loop_bytes(device: str) -> int:
     return int(Path(f"/sys/block/{Path(device).name}/size").read_text()) * 512
 
 
-def _rescan(*args: str) -> dict[str, object]:
+def _rescan(*args: str) -> dict[str, Any]:
     done = cli("session", "rescan", "--json", "--timeout", "30", *args)
     assert done.returncode == 0, done.stdout + done.stderr
     (session,) = json.loads(done.stdout)["sessions"]
@@ -86,6 +89,22 @@ def test_added_lun_then_grown_lun_show_up(tgt: Tgt, run_dir: Path) -> None:  # n
         write_direct(loop2, 5 * MiB, b"G" * MiB)  # beyond the old end
         assert backing_bytes(target, 1, 5 * MiB, MiB) == b"G" * MiB
         assert backing_bytes(target, 1, 2 * MiB, MiB) == b"L" * MiB
+
+        # LUN 2 removed on the target: reported, left in the tree (its I/O fails); the
+        # keeper and LUN 1 serve on.
+        tgt.delete_lun(target, 2)
+        gone = cli("session", "rescan", "--target", IQN, "--timeout", "30")
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        assert "LUN 2 no longer reported" in gone.stdout
+        assert storage2.exists() and keeper.proc.poll() is None
+        with pytest.raises(OSError):
+            backing = os.open(storage2, os.O_RDONLY | os.O_DIRECT)
+            try:
+                os.pread(backing, 4096, 0)
+            finally:
+                os.close(backing)
+        write_direct(loop1, 3 * MiB, b"k" * MiB)
+        assert backing_bytes(target, 0, 3 * MiB, MiB) == b"k" * MiB
 
         assert keeper.stop(signal.SIGTERM) == 0, keeper.output()
         assert "detached " + loop2 in keeper.output()
