@@ -73,7 +73,11 @@ async def rescan_session(session: Served, tree: Tree, mountpoint: Path,
         changes.errors.append(str(exc))
     for error in changes.errors:
         log.warning("rescan of %s: %s", session.entry.targetname, error)
-    _record(session.record_name, changes)
+    try:
+        _record(session.record_name, changes)
+    except (OSError, ValueError) as exc:  # the run dir: the tree changed all the same
+        log.warning("rescan of %s: cannot update the record: %s",
+                    session.entry.targetname, exc)
     return changes
 
 
