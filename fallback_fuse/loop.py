@@ -63,6 +63,14 @@ async def detach(device: str) -> None:
         raise LoopError(f"{device} is still attached (busy: it detaches when released)")
 
 
+async def refresh_capacity(device: str) -> None:
+    """``losetup -c``: the loop device takes its file's size again (a resized LUN)."""
+    proc = await trio.run_process(["losetup", "-c", device], capture_stderr=True,
+                                  check=False)
+    if proc.returncode != 0:
+        raise LoopError(f"losetup -c {device} failed: {proc.stderr.decode().strip()}")
+
+
 def backing_file(device: str) -> str | None:
     """The file behind /dev/loopN, or None when it is detached."""
     knob = Path("/sys/block") / Path(device).name / "loop" / "backing_file"

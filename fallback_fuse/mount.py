@@ -164,6 +164,17 @@ async def _serve_mounted(tree: Tree, ops: Operations, stops: _StopRequests,
             log.exception("on_stop failed")
 
 
+async def forget_attributes(inodes: Sequence[int]) -> None:
+    """Tell the kernel these nodes changed (a rescan resized a LUN or added one), so it
+    asks again instead of answering from its attribute cache. No writeback cache is
+    used, but pyfuse3 still says to call it from a thread."""
+    for inode in inodes:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        except OSError as exc:  # ENOENT: the kernel had not cached it; nothing to forget
+            log.debug("invalidate inode %d: %s", inode, exc)
+
+
 async def _sync_written(tree: Tree) -> None:
     for storage in tree.storages:
         if storage.dirty:

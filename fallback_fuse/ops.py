@@ -33,7 +33,7 @@ log = logging.getLogger("iscsi_handoff.fuse")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-ATTR_TIMEOUT = 60.0  # nothing in the tree changes after mounting
+ATTR_TIMEOUT = 60.0  # a rescan that changes a node tells the kernel (forget_attributes)
 
 
 class Operations(pyfuse3.Operations):

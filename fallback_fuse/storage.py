@@ -31,6 +31,11 @@ class Storage:
         self.dirty = False  # written since the last synchronize_cache
         self._locks = RangeLock()
 
+    def resize(self) -> int:
+        """Take the device's size again (after a rescan read a new capacity)."""
+        self.size = self.device.num_blocks * self.device.block_size
+        return self.size
+
     @property
     def read_only(self) -> bool:
         return self.device.read_only

@@ -1,4 +1,4 @@
-"""The tree's layout, built once at mount time; nothing in it is created or removed later.
+"""The tree's layout, built at mount time; a rescan may add LUN folders, nothing is removed.
 
     MOUNT/<host>/<target>/storage              the target's first disk LUN
     MOUNT/<host>/<target>/{hostname,ip,targetname,vendor,product,version,serial}
@@ -93,6 +93,31 @@ class Tree:
                 self._link(folder, "storage", storage)
                 self._info_files(folder, values | self._lun_values(lun))
                 self.storage_paths.append(path / "storage")
+
+    def add_lun(self, target: TargetInfo, lun: LunInfo) -> tuple[int, Node]:
+        """A LUN found by a rescan: ``lun<N>/`` with its storage and info files under the
+        target's folder (``<target>/storage`` stays the first LUN's). Returns the target
+        folder's inode (its entries changed) and the new storage node."""
+        host = self.nodes[ROOT_INODE].children[_safe(target.hostname)]
+        folder = self.nodes[host].children[short_name(target.targetname)]
+        sub = f"lun{lun.lun}"
+        if sub in self.nodes[folder].children:
+            raise ConfigError(f"{target.targetname} already shows LUN {lun.lun}")
+        lun_dir = self._dir(folder, sub)
+        storage = self._storage(lun_dir, lun)
+        values = {"hostname": target.hostname, "ip": target.ip,
+                  "targetname": target.targetname}
+        self._info_files(lun_dir, values | self._lun_values(lun))
+        self.storage_paths.append(PurePosixPath(_safe(target.hostname),
+                                                short_name(target.targetname), sub, "storage"))
+        return folder, storage
+
+    def storage_node(self, device: object) -> Node | None:
+        """The storage file serving ``device``."""
+        for node in self.nodes.values():
+            if node.storage is not None and node.storage.device is device:
+                return node
+        return None
 
     @staticmethod
     def _lun_values(lun: LunInfo) -> dict[str, str]:

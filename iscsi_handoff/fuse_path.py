@@ -1,7 +1,8 @@
 """The FUSE fallback: userland sessions carry the data, each disk LUN a file in a tree.
 
 One session per target (all under one trio loop with pyfuse3), every disk LUN probed,
-then the tree is served until SIGINT/SIGTERM/SIGHUP; with ``loop`` every disk LUN's
+then the tree is served until SIGINT/SIGTERM/SIGHUP (SIGUSR2 rescans: see
+fuse_rescan); with ``loop`` every disk LUN's
 storage file is attached with `losetup --direct-io=on` and detached again on the way
 out. A signal during login and probe ends them at once (sessions closed, nothing
 mounted, exit 130). Each session has a record in the registry from before its login (a
@@ -30,6 +31,7 @@ from fallback_fuse.mount import serve
 from fallback_fuse.tree import Tree, short_name
 from iscsi_handoff import registry, sysstate
 from iscsi_handoff.datapath import FuseOptions
+from iscsi_handoff.fuse_rescan import Served, rescan_on_signal
 from iscsi_handoff.kernel_owners import Detached, remove_pidfile, write_pidfile
 from iscsi_handoff.login_path import check_mountpoint
 from iscsi_handoff.output import PARAM_KEYS
@@ -91,7 +93,8 @@ def _claim(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                 details={"auth": auth,
                          "timeouts": {"replacement": opts.replacement_timeout,
                                       "login": opts.login_timeout},
-                         "queue_depth": opts.queue_depth, "recoveries": 0})
+                         "queue_depth": opts.queue_depth, "recoveries": 0,
+                         "rescans": 0})
             claimed.append(registry.claim(record, force=keep.force))
     except BaseException:
         for record in claimed:
@@ -154,13 +157,12 @@ def _holders(loops: list[str]) -> str | None:
 
 
 @contextlib.contextmanager
-def _early_signals() -> Iterator[AsyncIterator[int] | None]:
-    """SIGINT/SIGTERM/SIGHUP from the first moment of the trio loop (main thread only)."""
+def _early_signals(*signums: int) -> Iterator[AsyncIterator[int] | None]:
+    """Signals caught from the first moment of the trio loop (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield None
         return
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                     signal.SIGHUP) as receiver:
+    with trio.open_signal_receiver(*signums) as receiver:
         yield receiver
 
 
@@ -193,7 +195,9 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
     stopping_event = trio.Event()
     probing = trio.CancelScope()
     try:
-        with _early_signals() as signals:
+        # SIGUSR2 would kill the keeper by default: caught (and held) from the start.
+        with (_early_signals(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals,
+              _early_signals(signal.SIGUSR2) as rescans):
             async with trio.open_nursery() as nursery:
                 if signals is not None:
                     nursery.start_soon(_watch_signals, signals, probing, stopping_event)
@@ -226,7 +230,14 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                                 keep.detached.ready()
                             log.info("serving %s at %s", ", ".join(r.target for r in records),
                                      mountpoint)
-                            await _refresh_details(runners, records)
+                            served = [Served(runner, entry, record.name) for runner, entry,
+                                      record in zip(runners, entries, records, strict=True)]
+                            async with trio.open_nursery() as tasks:
+                                if rescans is not None:
+                                    tasks.start_soon(rescan_on_signal, rescans, served, tree,
+                                                     opts.mountpoint,
+                                                     mounted.loops if opts.loop else None)
+                                tasks.start_soon(_refresh_details, runners, records)
 
                         async def stopping() -> None:
                             for device in reversed(list(mounted.loops)):
@@ -238,8 +249,9 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                                     mounted.loops.remove(device)
                                     click.echo(f"detached {device}")
                             for record in records:
+                                now = registry.read(record.name) or record  # rescans add
                                 registry.update(record.name, loops=tuple(
-                                    d for d in record.loops
+                                    d for d in now.loops
                                     if loopdev.backing_file(d) is not None))
 
                         def ours() -> bool:

@@ -422,6 +422,29 @@ class Tgt:
             raise
         return target
 
+    def add_lun(self, target: Target, spec: LunSpec = LunSpec()) -> int:
+        """A new disk LUN on a running target (the next number); initiators see it
+        after a rescan."""
+        n = len(target.luns) + 1
+        path = self._backing_file(target.tid, n, spec)
+        self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(target.tid),
+                  "--lun", str(n), "--backing-store", str(path))
+        target.lun_paths.append(path)
+        target.luns.append(spec)
+        return n
+
+    def reload_lun(self, target: Target, lun: int) -> None:
+        """Delete LUN ``lun`` and add it again from the same file: tgtd reads a backing
+        file's size only when a LUN is added, so this is how a LUN grows on tgt."""
+        self.delete_lun(target, lun)
+        self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(target.tid),
+                  "--lun", str(lun), "--backing-store", str(target.lun_paths[lun - 1]))
+
+    def delete_lun(self, target: Target, lun: int) -> None:
+        """LUN ``lun`` gone from the target (its file stays, for a reload)."""
+        self._adm("--mode", "logicalunit", "--op", "delete", "--tid", str(target.tid),
+                  "--lun", str(lun))
+
     def _backing_file(self, tid: int, lun: int, spec: LunSpec) -> Path:
         if spec.path is not None:
             if not Path(spec.path).is_file():

@@ -107,6 +107,12 @@ class Lun:
         mode = await self.command(scsi.mode_sense10_cdb(), read_length=255)
         self.read_only = scsi.parse_mode_sense10_header(mode.data).write_protect
 
+    async def read_capacity(self) -> int:
+        """READ CAPACITY again (a rescan: the target may have resized the LUN); the
+        size in bytes."""
+        await self._capacity()
+        return self.num_blocks * self.block_size
+
     async def _vpd_pages(self) -> frozenset[int]:
         try:
             data = await self._vpd(scsi.VPD_SUPPORTED_PAGES)

@@ -193,3 +193,40 @@ def test_fallocate_punches_holes_only() -> None:
     assert fuse_errno(ops.fallocate(inode, FALLOC_FL_KEEP_SIZE, 0, 512)) == errno.EOPNOTSUPP
     other = walk(ops.tree, "h", "t", "lun2", "storage").inode
     assert fuse_errno(ops.fallocate(other, punch, 0, 512)) == errno.EOPNOTSUPP
+
+
+def test_a_rescan_adds_a_lun_folder_and_resizes_a_storage_file() -> None:
+    first = lun(1, MemoryBlockDevice(8192))
+    target = TargetInfo("portal.example", "192.0.2.7", IQN, [first])
+    tree = Tree([target])
+    ops = Operations(tree)
+
+    async def main() -> None:
+        host = await ops.lookup(ROOT_INODE, b"portal.example", CTX)
+        folder = await ops.lookup(host.st_ino, b"multi", CTX)
+        assert folder.st_nlink == 3  # itself, its parent's entry, lun1
+        added = lun(7, MemoryBlockDevice(4096))
+        folder_inode, node = tree.add_lun(target, added)
+        assert folder_inode == folder.st_ino
+        assert (await ops.getattr(folder.st_ino, CTX)).st_nlink == 4
+        lun7 = await ops.lookup(folder.st_ino, b"lun7", CTX)
+        storage = await ops.lookup(lun7.st_ino, b"storage", CTX)
+        assert storage.st_ino == node.inode and storage.st_size == 4096
+        serial = await ops.lookup(lun7.st_ino, b"serial", CTX)
+        assert await ops.readlink(serial.st_ino, CTX) == b"sn7"
+        assert str(tree.storage_paths[-1]) == "portal.example/multi/lun7/storage"
+        # <target>/storage stays the first LUN's.
+        top = await ops.lookup(folder.st_ino, b"storage", CTX)
+        assert top.st_size == 8192
+        # The device grew: the storage file takes the new size when told.
+        device = first.device
+        assert isinstance(device, MemoryBlockDevice)
+        device.num_blocks *= 2
+        found = tree.storage_node(device)
+        assert found is not None and found.storage is not None
+        assert found.storage.resize() == 16384
+        assert (await ops.getattr(top.st_ino, CTX)).st_size == 16384
+        with pytest.raises(ConfigError, match="already shows LUN 7"):
+            tree.add_lun(target, lun(7, MemoryBlockDevice(4096)))
+
+    run(main)

@@ -78,6 +78,8 @@ def test_rescan_of_an_unknown_session_is_a_usage_error(root: Path) -> None:
     assert code == 2 and "no iSCSI session 9" in out
     code, out = invoke(root, "--session", "3", "--target", "x")
     assert code == 2 and "not both" in out
+    code, out = invoke(root, "--session", "F0123456789ab")  # a FUSE id no keeper serves
+    assert code == 2 and "no iSCSI session F0123456789ab" in out
 
 
 def test_a_refused_write_fails_with_the_reason(root: Path) -> None:
