@@ -247,7 +247,7 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                                     log.warning("%s", exc)
                                 else:
                                     mounted.loops.remove(device)
-                                    click.echo(f"detached {device}")
+                                    _say(f"detached {device}")
                             for record in records:
                                 now = registry.read(record.name) or record  # rescans add
                                 registry.update(record.name, loops=tuple(
@@ -277,7 +277,7 @@ async def run_fuse(logins: list[tuple[Portal, LoginConfig]], opts: FuseOptions,
                 os.rmdir(mountpoint)  # only while empty: never anything of anyone's
         if keep.pidfile is not None:
             remove_pidfile(keep.pidfile)
-    click.echo(f"unmounted {opts.mountpoint}; logged out")
+    _say(f"unmounted {opts.mountpoint}; logged out")
     log.info("unmounted %s; logged out", opts.mountpoint)
 
 
@@ -296,10 +296,10 @@ async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Moun
             size = lun.device.num_blocks * lun.device.block_size
             ro = ", read-only" if lun.device.read_only else ""
             if i == 0:
-                click.echo(f"{entry.targetname}: {storage} (LUN {lun.number}, {_size(size)}"
+                _say(f"{entry.targetname}: {storage} (LUN {lun.number}, {_size(size)}"
                            f"{ro})")
             else:
-                click.echo(f"  LUN {lun.number}: {storage} ({_size(size)}{ro})")
+                _say(f"  LUN {lun.number}: {storage} ({_size(size)}{ro})")
             lun_map[str(lun.number)] = {"storage": str(storage), "size_bytes": size,
                                         "read_only": lun.device.read_only}
             if opts.loop:
@@ -310,13 +310,13 @@ async def _announce(entries: list[TargetEntry], opts: FuseOptions, mounted: Moun
                 lun_map[str(lun.number)]["loop"] = device
                 registry.update(records[index].name, loops=tuple(loops))
                 depth = loopdev.raise_max_background(opts.mountpoint, opts.queue_depth)
-                click.echo(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
+                _say(f"  {device} -> {storage} (direct I/O, {depth} requests in flight)")
         if not entry.luns:
-            click.echo(f"{entry.targetname}: no disk LUNs")
+            _say(f"{entry.targetname}: no disk LUNs")
         records[index] = registry.update(
             records[index].name, storage=tuple(storages), loops=tuple(loops),
             mount_id=mount_id, ready=True, details={"luns": lun_map}) or records[index]
-    click.echo("serving; Ctrl-C, SIGTERM or `iscsi-handoff logout` to finish I/O, log out "
+    _say("serving; Ctrl-C, SIGTERM or `iscsi-handoff logout` to finish I/O, log out "
                "and unmount")
     from iscsi_handoff.output import emit_ready  # --json's ready line, READY=1 for systemd
 
@@ -336,6 +336,14 @@ async def _refresh_details(runners: list[SessionRunner],
             if runner.recoveries != seen[i]:
                 seen[i] = runner.recoveries
                 registry.update(records[i].name, details={"recoveries": runner.recoveries})
+
+
+def _say(text: str) -> None:
+    """A line for people: on stdout, or stderr under --json (stdout then carries only
+    the JSON ready object, for scripts)."""
+    from iscsi_handoff.output import json_mode
+
+    click.echo(text, err=json_mode())
 
 
 def _size(n: int) -> str:

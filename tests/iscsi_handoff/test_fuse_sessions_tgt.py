@@ -298,3 +298,27 @@ def test_a_mounted_filesystem_on_its_loop_device_holds_the_stop(
         subprocess.run(["umount", str(where)], check=True)
     assert keeper.proc.wait(timeout=60) == 0, keeper.output()
     assert ours_left(run_dir) == [] and listed() == {}
+
+
+def test_json_daemon_login_prints_only_its_ready_object_on_stdout(
+        tgt: Tgt, run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Scripts read stdout: with --json a serving login's only line there is the ready
+    object; the lines for people (storage file, loop device) go to stderr."""
+    tgt.add_target(IQN_A, luns=[LunSpec(size=8 * MiB)])
+    pidfile = tmp_path / "keeper.pid"
+    done = cli("login", "--portal", tgt.portal, "--target", IQN_A, "--daemon", "--json",
+               "--pidfile", str(pidfile))
+    assert done.returncode == 0, done.stderr
+    pid = int(pidfile.read_text())
+    try:
+        (line,) = done.stdout.splitlines()
+        ready = json.loads(line)
+        assert ready["event"] == "ready" and ready["path"] == "fuse", ready
+        (loop,) = ready["loops"]
+        assert f"{loop} ->" in done.stderr and "serving;" in done.stderr
+        ended = cli("logout", "--all")
+        assert ended.returncode == 0, ended.stderr
+        assert ours_left(run_dir) == [] and listed() == {}
+    finally:
+        if sysstate.process_start_time(pid) is not None:
+            os.kill(pid, signal.SIGKILL)
