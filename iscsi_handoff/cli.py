@@ -52,7 +52,13 @@ from iscsi_handoff.output import (
 )
 from userland.discovery.run import discover
 from userland.discovery.sendtargets import DiscoveredTarget
-from userland.errors import EXIT_INTERNAL, ConfigError, IscsiError, PathUnavailable
+from userland.errors import (
+    EXIT_INTERNAL,
+    ConfigError,
+    IscsiError,
+    PathUnavailable,
+    TargetNotFoundError,
+)
 from userland.exchange import Exchange
 from userland.login.machine import LoginConfig, new_isid
 from userland.login.run import login as do_login
@@ -361,8 +367,11 @@ DEFAULT_MAX_TARGETS = 256
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("portal", type=PortalType())
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("mount_args", nargs=-1, metavar="[PORTAL] MOUNTPOINT")
+@click.option("-p", "--portal", "portal_text", metavar="PORTAL",
+              help="host[:port] or iscsi://HOST[:PORT] (instead of the positional PORTAL).")
+@click.option("-T", "--target", "target_text", metavar="IQN",
+              help="Mount only this target of those the portal lists.")
 @click.option("--max-targets", type=click.IntRange(1, 100000), default=DEFAULT_MAX_TARGETS,
               show_default=True,
               help="Refuse to mount a portal listing more targets than this.")
@@ -376,8 +385,9 @@ DEFAULT_MAX_TARGETS = 256
 @fuse_options
 @discovery_auth_options
 @auth_options
-def mount(portal: Portal, mountpoint: Path, max_targets: int, daemon: bool,
-          pidfile: Path | None, force: bool, **kw: Any) -> None:
+def mount(mount_args: tuple[str, ...], portal_text: str | None, target_text: str | None,
+          max_targets: int, daemon: bool, pidfile: Path | None, force: bool,
+          **kw: Any) -> None:
     """Mount every target a portal lists, one session each, as a FUSE tree.
 
     \b
@@ -389,11 +399,13 @@ def mount(portal: Portal, mountpoint: Path, max_targets: int, daemon: bool,
     Examples:
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi
       iscsi-handoff mount 127.0.0.1:3260 /mnt/iscsi --loop
+      iscsi-handoff mount -p 127.0.0.1:3260 -T IQN /mnt/iscsi
 
     Discovery authenticates with --discovery-chap-* (none without them), each
     target's session with --chap-*/--mutual-*. A target whose login fails is
     reported on stderr and the others are mounted.
     """
+    portal, mountpoint, only = _mount_where(mount_args, portal_text, target_text)
     opts = fuse_options_from(kw, mountpoint)
     assert opts is not None
     check_fuse_prerequisites(loop=opts.loop)
@@ -404,9 +416,29 @@ def mount(portal: Portal, mountpoint: Path, max_targets: int, daemon: bool,
     targets = discover(portal, initiator_name=auth.initiator_name,
                        credentials=credentials, mutual=mutual,
                        chap_algorithms=auth.chap_algorithms, timeout=auth.timeout)
+    if only is not None:
+        targets = [t for t in targets if t.name == only]
+        if not targets:
+            raise TargetNotFoundError(f"{portal} does not list {only} "
+                                 f"(`iscsi-handoff discover {portal}` shows what it lists)")
     logins = mount_logins(portal, targets, auth, max_targets=max_targets)
     run_fuse(trial_login.usable(logins, timeout=auth.timeout), opts, force=force,
              daemon=daemon, pidfile=pidfile)
+
+
+def _mount_where(args: tuple[str, ...], portal_text: str | None,
+                 target_text: str | None) -> tuple[Portal, Path, str | None]:
+    """`mount PORTAL MOUNTPOINT`, or `mount -p PORTAL [-T IQN] MOUNTPOINT` (iscsiadm's
+    letters); a URL may carry the target."""
+    from iscsi_handoff.options import resolve_where
+
+    if len(args) != (1 if portal_text is not None else 2):
+        raise ConfigError("give PORTAL MOUNTPOINT, or -p PORTAL MOUNTPOINT")
+    where = resolve_where(tuple(args[:-1]), portal_text, target_text)
+    if where.url_user is not None:
+        raise ConfigError("mount takes CHAP users from --chap-user, not from a URL")
+    assert where.portal is not None
+    return where.portal, Path(args[-1]), where.target
 
 
 def mount_logins(portal: Portal, targets: list[DiscoveredTarget], auth: Auth, *,

@@ -322,3 +322,25 @@ def test_json_daemon_login_prints_only_its_ready_object_on_stdout(
     finally:
         if sysstate.process_start_time(pid) is not None:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_mount_with_iscsiadm_letters_mounts_only_the_target_named(
+        tgt: Tgt, run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`mount -p PORTAL -T IQN MOUNTPOINT`: the portal lists two targets, one is mounted;
+    a target the portal does not list is exit 5."""
+    tgt.add_target(IQN_A, luns=[LunSpec(size=8 * MiB)])
+    tgt.add_target(IQN_B, luns=[LunSpec(size=8 * MiB)])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    missing = cli("mount", "-p", tgt.portal, "-T", IQN_A + "-nope", str(mnt))
+    assert missing.returncode == 5, missing.stderr
+    assert "does not list" in missing.stderr
+    done = cli("mount", "-p", tgt.portal, "-T", IQN_A, str(mnt), "--daemon")
+    assert done.returncode == 0, done.stderr
+    try:
+        assert [e["target"] for e in listed().values()] == [IQN_A]
+        assert (mnt / "127.0.0.1" / IQN_A.rsplit(":", 1)[1] / "storage").stat().st_size == 8 * MiB
+    finally:
+        ended = cli("logout", "--all")
+    assert ended.returncode == 0, ended.stderr
+    assert ours_left(run_dir) == [] and listed() == {}
