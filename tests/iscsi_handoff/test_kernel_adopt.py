@@ -175,3 +175,27 @@ def test_doctor_sees_iscsid_running_and_enabled(tmp_path: Path) -> None:
     assert found.line().startswith("iscsid: running (pid 812) and enabled (iscsid.socket)")
     nothing = probe_iscsid(proc=str(tmp_path / "none"), systemd_dir=str(tmp_path / "none"))
     assert nothing.line() == "iscsid: not running, not enabled"
+
+
+def test_a_locked_keeper_s_threads_pin_small_stacks() -> None:
+    # mlockall(MCL_FUTURE) pins a new thread's whole stack (8 MiB by default, 1 MiB here)
+    # and its malloc arena's 64 MiB of address space (none here: one arena for all).
+    if not _has_cap(CAP_IPC_LOCK):
+        pytest.skip("mlockall needs CAP_IPC_LOCK (root)")
+    code = ("from kernel_handoff.pinning import lock_memory\n"
+            "import threading\n"
+            "def locked():\n"
+            "    return int(next(l for l in open('/proc/self/status')\n"
+            "                    if l.startswith('VmLck')).split()[1])\n"
+            "assert lock_memory() is None\n"
+            "before = locked()\n"
+            "stop = threading.Event()\n"
+            "t = threading.Thread(target=stop.wait)\n"
+            "t.start()\n"
+            "print(locked() - before)\n"
+            "stop.set()\n"
+            "t.join()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, check=True)
+    grew_kib = int(done.stdout)
+    assert 0 < grew_kib <= 2048, done.stdout  # the 1 MiB stack (and its guard page)
