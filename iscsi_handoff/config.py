@@ -99,26 +99,17 @@ def _env_name(value: str) -> str:
 
 
 def _algs(value: str) -> str:
-    try:
-        parse_algorithms(value)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+    parse_algorithms(value)
     return value
 
 
 def _name(value: str) -> str:
-    try:
-        validate_name(value)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+    validate_name(value)
     return value
 
 
 def _portal(value: str) -> str:
-    try:
-        return str(Portal.parse(value))
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+    return str(Portal.parse(value))
 
 
 @dataclass(frozen=True)
@@ -194,10 +185,11 @@ def check_setting(key: str, value: str, *, where: str, node: bool = True) -> tup
         raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(KEYS)})")
     if spec.node_only and not node:
         raise ConfigError(f"{where}: {key} belongs in a node file, not the defaults file")
+    # A parser says why with ValueError, or with the ConfigError of the check it reuses.
     try:
         value = value.strip()
         return key, spec.parse(value)
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         raise ConfigError(f"{where}: {key}={value}: {key} {exc}") from None
 
 
