@@ -21,7 +21,6 @@ from userland.task import Task
 log = logging.getLogger("iscsi_handoff.scsi")
 
 RETRIES = 5
-MAX_BYTES = 1 << 63  # a LUN's size must fit a signed 64-bit file size (FUSE, losetup)
 DEFAULT_MAX_TRANSFER = 8 << 20  # when the target states no limit (VPD B0)
 DISK = 0x00  # SCSI peripheral device type: direct-access block device
 
@@ -150,14 +149,12 @@ class Lun:
         self._check_capacity()
 
     def _check_capacity(self) -> None:
-        """Sizes from the target are checked before anything is sized by them."""
+        """What a loop device and the page cache can take: the parser (scsi.py) already
+        refused a size beyond a file offset; here a block size the tree can serve."""
         size = self.block_size
         if size < 512 or size > 65536 or size & (size - 1):
             raise ProtocolError(f"LUN {self.number}: READ CAPACITY gave an implausible "
                                 f"block size of {size} bytes")
-        if self.num_blocks < 0 or self.num_blocks * size >= MAX_BYTES:
-            raise ProtocolError(f"LUN {self.number}: READ CAPACITY gave an implausible "
-                                f"size of {self.num_blocks} blocks of {size} bytes")
 
     # -- block I/O
 

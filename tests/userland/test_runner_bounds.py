@@ -176,7 +176,7 @@ def test_an_implausible_capacity_is_a_protocol_error() -> None:
         async def main() -> None:
             async with trio.open_nursery() as nursery:
                 await r.start(nursery)
-                with pytest.raises(ProtocolError, match=r"implausible size|beyond the 8 EiB"):
+                with pytest.raises(ProtocolError, match="beyond the 8 EiB"):
                     await Lun(r, 0).probe()
                 await r.close()
 
